@@ -1,0 +1,62 @@
+"""The application factory: the only place that wires settings, the Keycloak client and the routes together."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+
+from flask import Flask, Response, g, request
+
+from app.config import Settings
+from app.errors import register_error_handlers
+from app.keycloak_client import KeycloakClient
+from app.request_body import check_body_size
+from app.routes import auth, health
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def _version() -> str:
+    try:
+        return version("token-broker")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None = None) -> Flask:
+    """Build a broker app from `settings` (default: the environment); raise ConfigError when they are bad."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(
+        BROKER_SETTINGS=settings,
+        BROKER_VERSION=_version(),
+        BROKER_STARTED=time.monotonic(),
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+    )
+    app.json.sort_keys = False
+    app.extensions["keycloak"] = keycloak or KeycloakClient(settings)
+    logging.getLogger("app").setLevel(settings.log_level)
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(health.bp)
+    register_error_handlers(app)
+
+    @app.before_request
+    def _start_request() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        check_body_size()
+
+    @app.after_request
+    def _finish_response(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+        if request.path.startswith("/api/auth/"):
+            # RFC 6749 section 5.1: token responses, and errors of token endpoints, are never cached.
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["Pragma"] = "no-cache"
+        return response
+
+    return app

@@ -1,0 +1,170 @@
+"""Settings read once from the environment, typed, and validated in full at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The environment does not describe a usable broker; `problems` names every bad variable."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the broker is told by its operator. Built by `Settings.from_env`, never at import time."""
+
+    keycloak_url: str
+    keycloak_realm: str
+    client_id: str
+    client_secret: str = ""
+    connect_timeout: float = 2.0
+    read_timeout: float = 10.0
+    ca_bundle: str | None = None
+    max_body_bytes: int = 16 * 1024
+    upstream_retry_after: int = 5
+    login_scope: str = "openid"
+    log_level: str = "INFO"
+
+    @property
+    def realm_url(self) -> str:
+        """The realm's base URL, e.g. http://127.0.0.1:8080/realms/demo."""
+        return f"{self.keycloak_url}/realms/{self.keycloak_realm}"
+
+    @property
+    def tls_verify(self) -> bool | str:
+        """What `requests` takes as `verify`: on by default, or the operator's CA bundle."""
+        return self.ca_bundle or True
+
+    def __repr__(self) -> str:  # keep the secret out of any log line or traceback
+        return (
+            f"Settings(keycloak_url={self.keycloak_url!r}, keycloak_realm={self.keycloak_realm!r}, "
+            f"client_id={self.client_id!r}, client_secret='***')"
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from environment variables; raise ConfigError listing every problem at once."""
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        keycloak_url = reader.get("KEYCLOAK_URL", "http://127.0.0.1:8080", _url)
+        settings = cls(
+            keycloak_url=keycloak_url,
+            keycloak_realm=reader.get("KEYCLOAK_REALM", "demo", _name),
+            client_id=reader.get("KEYCLOAK_CLIENT_ID", "token-broker", _name),
+            client_secret=reader.secret("KEYCLOAK_CLIENT_SECRET"),
+            connect_timeout=reader.get("KEYCLOAK_CONNECT_TIMEOUT", 2.0, _positive_float),
+            read_timeout=reader.get("KEYCLOAK_READ_TIMEOUT", 10.0, _positive_float),
+            ca_bundle=reader.get("KEYCLOAK_CA_BUNDLE", None, _readable_file),
+            max_body_bytes=reader.get("BROKER_MAX_BODY_BYTES", 16 * 1024, _int_between(256, 1024 * 1024)),
+            upstream_retry_after=reader.get("BROKER_UPSTREAM_RETRY_AFTER", 5, _int_between(1, 3600)),
+            login_scope=reader.get("BROKER_LOGIN_SCOPE", "openid", _scope),
+            log_level=reader.get("BROKER_LOG_LEVEL", "INFO", _log_level),
+        )
+        if reader.problems:
+            raise ConfigError(reader.problems)
+        return settings
+
+
+class _Reader:
+    """Reads variables, converting each and collecting problems instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+        self.problems: list[str] = []
+
+    def get(self, name: str, default: T, convert: Callable[[str], T]) -> T:
+        raw = self.env.get(name, "").strip()
+        if raw == "":
+            return default
+        try:
+            return convert(raw)
+        except ValueError as exc:
+            self.problems.append(f"{name}: {exc}")
+            return default
+
+    def secret(self, name: str) -> str:
+        """A secret from NAME or from the file named by NAME_FILE; exactly one, and never a default."""
+        value = self.env.get(name, "")
+        file_name = self.env.get(f"{name}_FILE", "").strip()
+        if value and file_name:
+            self.problems.append(f"{name} and {name}_FILE are both set; set only one")
+            return ""
+        if file_name:
+            try:
+                value = Path(file_name).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                self.problems.append(f"{name}_FILE: cannot read {file_name!r} ({exc.strerror})")
+                return ""
+            if not value:
+                self.problems.append(f"{name}_FILE: {file_name!r} is empty")
+            return value
+        if not value.strip():
+            self.problems.append(f"{name} (or {name}_FILE) must be set: the broker's client secret has no default")
+        return value.strip()
+
+
+def _url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http:// or https:// URL, got {raw!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query or fragment")
+    return raw.rstrip("/")
+
+
+def _name(raw: str) -> str:
+    if "/" in raw or any(c.isspace() for c in raw):
+        raise ValueError(f"must not contain '/' or spaces, got {raw!r}")
+    return raw
+
+
+def _scope(raw: str) -> str:
+    if not all(c.isprintable() for c in raw):
+        raise ValueError("must be space-separated scope names")
+    return " ".join(raw.split())
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+    if not 0 < value <= 300:
+        raise ValueError(f"must be between 0 and 300 seconds, got {raw!r}")
+    return value
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return convert
+
+
+def _readable_file(raw: str) -> str:
+    if not os.access(raw, os.R_OK) or not Path(raw).is_file():
+        raise ValueError(f"{raw!r} is not a readable file")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw!r}")
+    return level

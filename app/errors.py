@@ -1,0 +1,177 @@
+"""The broker's error tree and the one handler that renders every failure as {"error", "message"}.
+
+    BrokerError                      status  error
+    ├── InvalidRequest                 400   invalid_request
+    ├── RefreshTokenRequired           400   refresh_token_required
+    ├── RefreshRejected                400   invalid_grant            (Keycloak refused a refresh token)
+    ├── InvalidScope                   400   invalid_scope
+    ├── LoginRejected                  401   invalid_grant            (Keycloak refused a password login)
+    ├── NotFound                       404   not_found
+    ├── MethodNotAllowed               405   method_not_allowed
+    ├── PayloadTooLarge                413   payload_too_large
+    ├── UnsupportedMediaType           415   unsupported_media_type
+    ├── InternalError                  500   internal_error
+    ├── ClientRejected                 502   unauthorized_client | invalid_client
+    ├── UpstreamError                  502   upstream_error
+    ├── UpstreamUnavailable            503   upstream_unavailable     (+ Retry-After)
+    └── UpstreamTimeout                504   upstream_timeout
+
+The `error` codes are published in docs/errors.md and never change.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Flask, Response, current_app, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(Exception):
+    """A failure the client is told about: `status`, stable `error` code and a one-sentence `message`."""
+
+    status: int = 500
+    error: str = "internal_error"
+    message: str = "The broker failed to handle the request"
+
+    def __init__(self, message: str | None = None, *, error: str | None = None, headers: dict | None = None):
+        super().__init__(message or self.message)
+        if message is not None:
+            self.message = message
+        if error is not None:
+            self.error = error
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is type(self)
+            and (self.status, self.error, self.message, self.headers)
+            == (other.status, other.error, other.message, other.headers)  # type: ignore[attr-defined]
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.error, self.message))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status}, {self.error!r}, {self.message!r})"
+
+    def body(self) -> dict[str, str]:
+        """The response body, exactly the contract's two keys."""
+        return {"error": self.error, "message": self.message}
+
+
+class InvalidRequest(BrokerError):
+    status, error, message = 400, "invalid_request", "The request body is not valid"
+
+
+class RefreshTokenRequired(BrokerError):
+    status, error, message = 400, "refresh_token_required", "Refresh token is required"
+
+
+class RefreshRejected(BrokerError):
+    status, error, message = 400, "invalid_grant", "Invalid refresh token"
+
+
+class InvalidScope(BrokerError):
+    status, error, message = 400, "invalid_scope", "The requested scope is not allowed for this client"
+
+
+class LoginRejected(BrokerError):
+    status, error, message = 401, "invalid_grant", "Invalid username or password"
+
+
+class NotFound(BrokerError):
+    status, error, message = 404, "not_found", "No such route"
+
+
+class MethodNotAllowed(BrokerError):
+    status, error, message = 405, "method_not_allowed", "This method is not allowed on this route"
+
+
+class PayloadTooLarge(BrokerError):
+    status, error, message = 413, "payload_too_large", "The request body is too large"
+
+
+class UnsupportedMediaType(BrokerError):
+    status = 415
+    error = "unsupported_media_type"
+    message = "Send the body as application/json or application/x-www-form-urlencoded"
+
+
+class InternalError(BrokerError):
+    status, error, message = 500, "internal_error", "The broker failed to handle the request"
+
+
+class ClientRejected(BrokerError):
+    """Keycloak refused the broker's own client: an operator problem, never the caller's."""
+
+    status, error, message = 502, "unauthorized_client", "The broker is misconfigured; try again later"
+
+
+class UpstreamError(BrokerError):
+    status, error, message = 502, "upstream_error", "The identity provider returned an unusable answer"
+
+
+class UpstreamUnavailable(BrokerError):
+    status, error, message = 503, "upstream_unavailable", "The identity provider cannot be reached; try again later"
+
+
+class UpstreamTimeout(BrokerError):
+    status, error, message = 504, "upstream_timeout", "The identity provider did not answer in time"
+
+
+_HTTP_ERRORS: dict[int, type[BrokerError]] = {
+    400: InvalidRequest,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+}
+
+
+def _from_http_exception(exc: HTTPException) -> BrokerError:
+    """Translate Flask/werkzeug's own HTTP errors into the fixed shape."""
+    known = _HTTP_ERRORS.get(exc.code or 500)
+    if known is not None:
+        error = known()
+    else:
+        error = BrokerError(exc.name, error=re.sub(r"\W+", "_", exc.name.lower()).strip("_"))
+        error.status = exc.code or 500
+    if exc.code == 405 and exc.response is None:
+        allowed = getattr(exc, "valid_methods", None)
+        if allowed:
+            error.headers["Allow"] = ", ".join(sorted(allowed))
+    return error
+
+
+def error_response(error: BrokerError) -> Response:
+    """Render a BrokerError as the contract's JSON body with its status and headers."""
+    response = jsonify(error.body())
+    response.status_code = error.status
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    if isinstance(error, UpstreamUnavailable):
+        response.headers.setdefault("Retry-After", str(current_app.config["BROKER_SETTINGS"].upstream_retry_after))
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Route every failure, Flask's own 404/405/413 and unexpected exceptions included, through one envelope."""
+
+    @app.errorhandler(BrokerError)
+    def _broker_error(error: BrokerError) -> Response:
+        g.error_code = error.error
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return _broker_error(_from_http_exception(exc))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        # The traceback goes to the log with the request id; the client learns nothing but the code.
+        log.exception("unhandled %s (request_id=%s)", type(exc).__name__, g.get("request_id", "-"))
+        return _broker_error(InternalError())

@@ -1,0 +1,232 @@
+"""The only door to Keycloak: every HTTP call to the realm goes through `KeycloakClient`.
+
+Callers get a `TokenSet` or a `BrokerError`; nothing else in the app knows Keycloak's wire format,
+and nothing here knows Flask. One pooled keep-alive `requests.Session` is shared by all threads of a
+worker: no per-call state is ever stored on it (python-keycloak's KeycloakOpenID writes per-call
+headers into a shared dict, which is why it is not used here), and its adapter never retries, because
+a replayed refresh-token POST is a reuse and Keycloak ends the session on reuse.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from app.config import Settings
+from app.errors import (
+    BrokerError,
+    ClientRejected,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from app.keycloak_errors import LOGIN, LOGOUT, REFRESH, translate
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "token-broker"
+
+
+@dataclass(frozen=True, repr=False)
+class TokenSet:
+    """The tokens Keycloak issued, reduced to the fields the contract passes on."""
+
+    access_token: str
+    token_type: str
+    expires_in: int | None = None
+    refresh_token: str | None = None
+    refresh_expires_in: int | None = None
+    scope: str | None = None
+    id_token: str | None = None
+
+    def __repr__(self) -> str:  # tokens never reach a log line through a repr
+        return f"TokenSet(token_type={self.token_type!r}, expires_in={self.expires_in}, scope={self.scope!r})"
+
+    @classmethod
+    def from_response(cls, body: Any) -> "TokenSet":
+        """Build a TokenSet from a token-endpoint JSON body; raise UpstreamError when it is unusable."""
+        if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) or not body["access_token"]:
+            raise UpstreamError()
+        strings = ("token_type", "refresh_token", "scope", "id_token")
+        numbers = ("expires_in", "refresh_expires_in")
+        for name in strings:
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise UpstreamError()
+        for name in numbers:
+            value = body.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UpstreamError()
+        return cls(
+            access_token=body["access_token"],
+            token_type=body.get("token_type") or "Bearer",
+            expires_in=body.get("expires_in"),
+            refresh_token=body.get("refresh_token"),
+            refresh_expires_in=body.get("refresh_expires_in"),
+            scope=body.get("scope"),
+            id_token=body.get("id_token"),
+        )
+
+
+class _NoCookies(DefaultCookiePolicy):
+    """Keycloak's cookies belong to browsers, not to a session shared by every user of the broker."""
+
+    def set_ok(self, cookie, request) -> bool:  # noqa: ANN001 - cookiejar's signature
+        return False
+
+
+def build_session(settings: Settings, pool_size: int = 32) -> requests.Session:
+    """A pooled keep-alive session that never retries, never keeps cookies and verifies TLS."""
+    session = requests.Session()
+    # read=False re-raises read errors as they are (a read timeout stays a timeout) instead of retrying.
+    no_retries = Retry(total=0, connect=0, read=False, redirect=0, status=0, other=0, raise_on_status=False)
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=no_retries)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.cookies.set_policy(_NoCookies())
+    session.headers["User-Agent"] = USER_AGENT
+    session.verify = settings.tls_verify
+    session.trust_env = False  # no proxy or netrc surprises from the process environment
+    return session
+
+
+class KeycloakClient:
+    """Password login, refresh and logout against one realm, safe to share between threads."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None):
+        self.settings = settings
+        self.session = session or build_session(settings)
+        self._timeout = (settings.connect_timeout, settings.read_timeout)
+        self._discovery: dict[str, Any] | None = None
+        self._discovery_lock = threading.Lock()
+
+    @property
+    def discovery_url(self) -> str:
+        return f"{self.settings.realm_url}/.well-known/openid-configuration"
+
+    def discovery(self) -> dict[str, Any]:
+        """The realm's discovery document, fetched once and kept; raise BrokerError if it cannot be had."""
+        if self._discovery is not None:
+            return self._discovery
+        with self._discovery_lock:
+            if self._discovery is None:
+                self._discovery = self._fetch_discovery()
+        return self._discovery
+
+    def _fetch_discovery(self) -> dict[str, Any]:
+        response = self._send("discovery", "GET", self.discovery_url)
+        document = _json(response)
+        required = ("issuer", "token_endpoint", "end_session_endpoint", "jwks_uri")
+        if response.status_code != 200 or not isinstance(document, dict) or not all(
+            isinstance(document.get(k), str) for k in required
+        ):
+            log.error(
+                "Keycloak discovery document unusable: GET %s answered %s (%s); check KEYCLOAK_URL and KEYCLOAK_REALM",
+                self.discovery_url,
+                response.status_code,
+                response.headers.get("Content-Type", "no content type"),
+            )
+            raise UpstreamError()
+        return document
+
+    def login(self, username: str, password: str, scope: str | None = None) -> TokenSet:
+        """Run the password grant; return the TokenSet or raise the BrokerError for Keycloak's refusal."""
+        form = {"grant_type": "password", "username": username, "password": password}
+        if scope is not None:
+            form["scope"] = scope
+        return TokenSet.from_response(self._token_call(LOGIN, self.discovery()["token_endpoint"], form))
+
+    def refresh(self, refresh_token: str, scope: str | None = None) -> TokenSet:
+        """Run the refresh grant exactly once (never retried); return the TokenSet or raise BrokerError."""
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        if scope is not None:
+            form["scope"] = scope
+        return TokenSet.from_response(self._token_call(REFRESH, self.discovery()["token_endpoint"], form))
+
+    def logout(self, refresh_token: str) -> None:
+        """End the Keycloak session the refresh token belongs to; raise BrokerError if Keycloak refuses."""
+        self._token_call(LOGOUT, self.discovery()["end_session_endpoint"], {"refresh_token": refresh_token})
+
+    def _token_call(self, operation: str, url: str, form: dict[str, str]) -> Any:
+        """POST a client-authenticated form; return the JSON body of a success or raise the mapped error."""
+        form = {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret, **form}
+        response = self._send(operation, "POST", url, data=form)
+        if response.status_code == 204 and operation == LOGOUT:
+            return None
+        body = _json(response)
+        if response.status_code == 200 and operation != LOGOUT:
+            return body
+        if response.status_code == 200 and operation == LOGOUT and body in (None, {}):
+            return None
+        raise self._refusal(operation, response, body)
+
+    def _refusal(self, operation: str, response: requests.Response, body: Any) -> BrokerError:
+        """Translate a non-success answer into a BrokerError, logging what an operator needs to act."""
+        error = body.get("error") if isinstance(body, dict) else None
+        description = body.get("error_description") if isinstance(body, dict) else None
+        if response.status_code >= 500 or not isinstance(error, str):
+            log.warning(
+                "Keycloak %s answered %s with an unusable body (%s, error=%s)",
+                operation,
+                response.status_code,
+                response.headers.get("Content-Type", "no content type"),
+                _short(error),
+            )
+            return UpstreamError()
+        outcome = translate(operation, error, description if isinstance(description, str) else "")
+        if isinstance(outcome, ClientRejected):
+            log.error(
+                "Keycloak rejected the broker's own client %r during %s: %s (%s); check KEYCLOAK_CLIENT_ID, "
+                "KEYCLOAK_CLIENT_SECRET and that the client is confidential with direct access grants enabled",
+                self.settings.client_id,
+                operation,
+                _short(error),
+                _short(description),
+            )
+        elif isinstance(outcome, UpstreamError):
+            log.warning(
+                "Keycloak %s answered %s with an error the broker does not know: %s (%s)",
+                operation,
+                response.status_code,
+                _short(error),
+                _short(description),
+            )
+        return outcome
+
+    def _send(self, operation: str, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One HTTP exchange with our timeouts; network failures become 503/504 BrokerErrors."""
+        try:
+            return self.session.request(method, url, timeout=self._timeout, allow_redirects=False, **kwargs)
+        except (requests.ConnectTimeout, requests.ConnectionError) as exc:
+            if isinstance(exc, requests.exceptions.SSLError):
+                log.error("TLS failure talking to Keycloak during %s: %s; check KEYCLOAK_CA_BUNDLE", operation, exc)
+            else:
+                log.warning("Keycloak unreachable during %s: %s", operation, type(exc).__name__)
+            raise UpstreamUnavailable() from None
+        except requests.Timeout:
+            log.warning("Keycloak did not answer %s within %.1fs", operation, self.settings.read_timeout)
+            raise UpstreamTimeout() from None
+        except requests.RequestException as exc:
+            log.warning("Keycloak %s failed: %s", operation, type(exc).__name__)
+            raise UpstreamError() from None
+
+
+def _json(response: requests.Response) -> Any:
+    """The body as JSON, or None when it is not JSON (an HTML page from a proxy, say)."""
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _short(text: Any, limit: int = 200) -> str:
+    """Keycloak's own words for a log line, bounded in length."""
+    return str(text)[:limit] if text is not None else "-"

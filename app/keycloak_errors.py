@@ -1,0 +1,102 @@
+"""The one table that turns Keycloak's OAuth error answers into the broker's errors.
+
+Keycloak answers a refused token-endpoint call with `{"error": ..., "error_description": ...}`.
+`translate()` walks `RULES` top to bottom and the first rule whose operation, `error` and
+description match wins. The HTTP status Keycloak used is deliberately ignored for 4xx answers
+(it changed between releases for the same refusal); 5xx and unusable bodies never reach this table
+(see keycloak_client). docs/errors.md prints this table; tests/unit/test_error_docs.py keeps the two equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from app.errors import (
+    BrokerError,
+    ClientRejected,
+    InvalidScope,
+    LoginRejected,
+    RefreshRejected,
+    RefreshTokenRequired,
+    UpstreamError,
+)
+
+LOGIN = "login"
+REFRESH = "refresh"
+LOGOUT = "logout"
+OPERATIONS = (LOGIN, REFRESH, LOGOUT)
+
+ANY = None  # matches any error_description
+
+
+@dataclass(frozen=True)
+class Rule:
+    """If Keycloak answers `error` (and a description starting with `description`) to one of `operations`."""
+
+    operations: tuple[str, ...]
+    error: str
+    description: str | None
+    outcome: Callable[[], BrokerError]
+    note: str = ""
+
+    def matches(self, operation: str, error: str, description: str) -> bool:
+        return (
+            operation in self.operations
+            and error == self.error
+            and (self.description is None or description.startswith(self.description))
+        )
+
+
+def _client(error: str) -> Callable[[], BrokerError]:
+    return lambda: ClientRejected(error=error)
+
+
+def _login(message: str) -> Callable[[], BrokerError]:
+    return lambda: LoginRejected(message)
+
+
+def _refresh(message: str) -> Callable[[], BrokerError]:
+    return lambda: RefreshRejected(message)
+
+
+EXPIRED = "Refresh token expired"
+REUSED = "Refresh token was already used; the session has been ended"
+SESSION_ENDED = "Session has ended"
+INVALID_REFRESH = "Invalid refresh token"
+
+RULES: tuple[Rule, ...] = (
+    # The broker's own client: an operator problem (wrong secret, unknown client, grant disabled).
+    Rule(OPERATIONS, "invalid_client", ANY, _client("invalid_client"), "unknown, disabled or unauthenticated client"),
+    Rule(OPERATIONS, "unauthorized_client", ANY, _client("unauthorized_client"),
+         "wrong client secret, or direct access grants disabled for the client"),
+    # Password grant.
+    Rule((LOGIN,), "invalid_grant", "Invalid user credentials", _login("Invalid username or password"),
+         "wrong password, unknown user, or brute-force lockout (Keycloak does not tell these apart)"),
+    Rule((LOGIN,), "invalid_grant", "Account disabled", _login("Account is disabled")),
+    Rule((LOGIN,), "invalid_grant", "Account temporarily disabled", _login("Account is temporarily locked")),
+    Rule((LOGIN,), "invalid_grant", "Account is not fully set up",
+         _login("Account is not fully set up; finish setting it up in the account console")),
+    Rule((LOGIN,), "invalid_grant", ANY, _login("Login was refused")),
+    Rule((LOGIN, REFRESH), "invalid_scope", ANY, lambda: InvalidScope()),
+    # Refresh grant.
+    Rule((REFRESH,), "invalid_grant", "Token is not active", _refresh(EXPIRED)),
+    Rule((REFRESH,), "invalid_grant", "Maximum allowed refresh token reuse exceeded", _refresh(REUSED)),
+    Rule((REFRESH,), "invalid_grant", "Session not active", _refresh(SESSION_ENDED)),
+    Rule((REFRESH,), "invalid_grant", "Session doesn't have required client", _refresh(SESSION_ENDED)),
+    Rule((REFRESH,), "invalid_grant", "Stale token", _refresh(SESSION_ENDED),
+         "not-before pushed by an admin, or an older token of a rotated chain"),
+    Rule((REFRESH, LOGOUT), "invalid_grant", "Invalid refresh token. Token client and authorized client don't match",
+         _refresh("Refresh token was issued to another client")),
+    Rule((REFRESH, LOGOUT), "invalid_grant", ANY, _refresh(INVALID_REFRESH),
+         "garbage, wrong signature, not a refresh token, or any other refusal"),
+    Rule((REFRESH, LOGOUT), "invalid_request", "No refresh token", lambda: RefreshTokenRequired()),
+)
+
+
+def translate(operation: str, error: str, description: str) -> BrokerError:
+    """Map Keycloak's `error`/`error_description` for `operation` to a BrokerError; unknown → UpstreamError."""
+    for rule in RULES:
+        if rule.matches(operation, error, description):
+            return rule.outcome()
+    return UpstreamError()

@@ -1,0 +1,69 @@
+"""Reading a request body as a flat dict from JSON or form encoding, refusing everything else."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import current_app, request
+
+from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+
+
+def check_body_size() -> None:
+    """Refuse a declared body over the limit before anything reads it (413)."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge()
+
+
+def read_body() -> dict[str, Any]:
+    """The body as a dict: JSON object or form fields; empty body → {}; raise 400/413/415 otherwise."""
+    raw = request.get_data(cache=True)  # werkzeug stops at MAX_CONTENT_LENGTH even without Content-Length
+    mimetype = request.mimetype
+    if not raw:
+        return {}
+    if mimetype == JSON:
+        return _json_object(raw)
+    if mimetype == FORM:
+        return _form_fields()
+    raise UnsupportedMediaType()
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidRequest(f"Field '{_printable(key)}' appears more than once")
+        result[key] = value
+    return result
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest("The request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    return data
+
+
+def _form_fields() -> dict[str, Any]:
+    form = request.form
+    fields: dict[str, Any] = {}
+    for key in form:
+        values = form.getlist(key)
+        if len(values) > 1:
+            raise InvalidRequest(f"Field '{_printable(key)}' appears more than once")
+        fields[key] = values[0]
+    return fields
+
+
+def _printable(key: str) -> str:
+    return "".join(c for c in key if c.isprintable())[:40]

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per URL area: auth.py (/api/auth/*), health.py (/health, /ready)."""

@@ -1,0 +1,106 @@
+"""Marshmallow schemas: they validate request bodies and shape every token response."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, validate
+
+from app.errors import BrokerError, InvalidRequest, RefreshTokenRequired
+
+
+def _text(name: str, *, required: bool, max_length: int) -> fields.String:
+    """A string field whose every failure reads as one plain sentence naming the field."""
+
+    def not_blank(value: str) -> None:
+        if not value.strip():
+            raise ValidationError(f"{name} must not be blank")
+
+    return fields.String(
+        required=required,
+        allow_none=False,
+        validate=[
+            not_blank,
+            validate.Length(max=max_length, error=f"{name} must be at most {max_length} characters"),
+        ],
+        error_messages={
+            "required": f"{name} is required",
+            "null": f"{name} is required" if required else f"{name} must be a string",
+            "invalid": f"{name} must be a string",
+        },
+    )
+
+
+class _RequestSchema(Schema):
+    """Unknown fields are ignored; a failure becomes the BrokerError named for the first bad field."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    field_errors: dict[str, type[BrokerError]] = {}
+
+    def load_or_raise(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Validate `data`; raise InvalidRequest (or the field's own error) with one readable sentence."""
+        try:
+            return self.load(data)
+        except ValidationError as exc:
+            messages = exc.normalized_messages()
+            field = next(name for name in self.fields if name in messages)
+            error_class = self.field_errors.get(field)
+            if error_class is not None:
+                raise error_class() from None
+            raise InvalidRequest(str(messages[field][0])) from None
+
+
+class LoginRequest(_RequestSchema):
+    username = _text("username", required=True, max_length=255)
+    password = _text("password", required=True, max_length=1024)
+    scope = _text("scope", required=False, max_length=1024)
+
+
+class RefreshRequest(_RequestSchema):
+    refresh_token = _text("refresh_token", required=True, max_length=8192)
+    scope = _text("scope", required=False, max_length=1024)
+    field_errors = {"refresh_token": RefreshTokenRequired}
+
+
+class LogoutRequest(_RequestSchema):
+    refresh_token = _text("refresh_token", required=True, max_length=8192)
+    field_errors = {"refresh_token": RefreshTokenRequired}
+
+
+class Token(Schema):
+    """The token object of the contract; fields Keycloak did not send are left out."""
+
+    access_token = fields.String(required=True)
+    refresh_token = fields.String()
+    expires_in = fields.Integer()
+    refresh_expires_in = fields.Integer()
+    token_type = fields.String(required=True)
+    scope = fields.String()
+    id_token = fields.String()
+
+    @post_dump
+    def _drop_missing(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class TokenResponse(Schema):
+    message = fields.String(required=True)
+    token = fields.Nested(Token, required=True)
+
+
+class MessageResponse(Schema):
+    message = fields.String(required=True)
+
+
+class ErrorResponse(Schema):
+    error = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+login_request = LoginRequest()
+refresh_request = RefreshRequest()
+logout_request = LogoutRequest()
+token_response = TokenResponse()
+message_response = MessageResponse()
