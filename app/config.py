@@ -34,6 +34,10 @@ class Settings:
     upstream_retry_after: int = 5
     login_scope: str = "openid"
     log_level: str = "INFO"
+    bind: str = "127.0.0.1:8000"
+    workers: int = 2
+    threads: int = 8
+    worker_timeout: int = 30
 
     @property
     def realm_url(self) -> str:
@@ -69,6 +73,10 @@ class Settings:
             upstream_retry_after=reader.get("BROKER_UPSTREAM_RETRY_AFTER", 5, _int_between(1, 3600)),
             login_scope=reader.get("BROKER_LOGIN_SCOPE", "openid", _scope),
             log_level=reader.get("BROKER_LOG_LEVEL", "INFO", _log_level),
+            bind=reader.get("BROKER_BIND", "127.0.0.1:8000", _bind),
+            workers=reader.get("BROKER_WORKERS", 2, _int_between(1, 64)),
+            threads=reader.get("BROKER_THREADS", 8, _int_between(1, 256)),
+            worker_timeout=reader.get("BROKER_WORKER_TIMEOUT", 30, _int_between(5, 600)),
         )
         if reader.problems:
             raise ConfigError(reader.problems)
@@ -125,6 +133,15 @@ def _url(raw: str) -> str:
 def _name(raw: str) -> str:
     if "/" in raw or any(c.isspace() for c in raw):
         raise ValueError(f"must not contain '/' or spaces, got {raw!r}")
+    return raw
+
+
+def _bind(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if raw.startswith("unix:"):
+        return raw
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT or unix:PATH, got {raw!r}")
     return raw
 
 

@@ -1,0 +1,118 @@
+"""Fixtures for the app with Keycloak's HTTP faked by `responses` (cases the real server can't produce on demand)."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+from urllib.parse import parse_qs
+
+import pytest
+import requests
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import create_app
+from app.config import Settings
+
+KEYCLOAK = "http://keycloak.test:8080"
+REALM_URL = f"{KEYCLOAK}/realms/demo"
+TOKEN_URL = f"{REALM_URL}/protocol/openid-connect/token"
+LOGOUT_URL = f"{REALM_URL}/protocol/openid-connect/logout"
+DISCOVERY_URL = f"{REALM_URL}/.well-known/openid-configuration"
+SECRET = "stub-client-secret-4f9a"
+
+KEYCLOAK_TOKENS = {
+    "access_token": "access.token.value",
+    "expires_in": 300,
+    "refresh_expires_in": 1800,
+    "refresh_token": "refresh.token.value",
+    "token_type": "Bearer",
+    "id_token": "id.token.value",
+    "not-before-policy": 0,
+    "session_state": "5e0c0f0a-session",
+    "scope": "openid profile email",
+}
+CONTRACT_TOKENS = {k: v for k, v in KEYCLOAK_TOKENS.items() if k not in ("not-before-policy", "session_state")}
+
+
+class KeycloakStub:
+    """Says what the faked Keycloak does; every method registers one answer of the realm's endpoints."""
+
+    def __init__(self, mock: responses.RequestsMock):
+        self.mock = mock
+        self.mock.get(
+            DISCOVERY_URL,
+            json={
+                "issuer": REALM_URL,
+                "token_endpoint": TOKEN_URL,
+                "end_session_endpoint": LOGOUT_URL,
+                "jwks_uri": f"{REALM_URL}/protocol/openid-connect/certs",
+            },
+        )
+
+    def issues_tokens(self, body: dict | None = None) -> None:
+        """The token endpoint answers 200 with a token response."""
+        self.mock.post(TOKEN_URL, json=KEYCLOAK_TOKENS if body is None else body)
+
+    def refuses(self, status: int, error: str, description: str | None = None, url: str = TOKEN_URL) -> None:
+        """The endpoint answers an OAuth error body."""
+        body = {"error": error}
+        if description is not None:
+            body["error_description"] = description
+        self.mock.post(url, status=status, json=body)
+
+    def answers(self, status: int, body: str, content_type: str, url: str = TOKEN_URL) -> None:
+        """The endpoint answers a raw body (an HTML page from a proxy, say)."""
+        self.mock.post(url, status=status, body=body, content_type=content_type)
+
+    def fails(self, exc: Exception, url: str = TOKEN_URL) -> None:
+        """The HTTP call itself fails (connection refused, timeout)."""
+        self.mock.post(url, body=exc)
+
+    def logs_out(self) -> None:
+        """The logout endpoint answers 204, as Keycloak does."""
+        self.mock.post(LOGOUT_URL, status=204)
+
+    def is_down(self) -> None:
+        """Nothing answers at Keycloak's address, discovery included."""
+        self.mock.reset()
+        self.mock.get(DISCOVERY_URL, body=requests.ConnectionError("refused"))
+
+    def token_calls(self, url: str = TOKEN_URL) -> list[dict[str, str]]:
+        """The forms the broker posted to `url`, in order."""
+        return [
+            {k: v[0] for k, v in parse_qs(call.request.body).items()}
+            for call in self.mock.calls
+            if call.request.url == url
+        ]
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Settings for a broker in front of the faked Keycloak."""
+    return Settings(keycloak_url=KEYCLOAK, keycloak_realm="demo", client_id="token-broker", client_secret=SECRET)
+
+
+@pytest.fixture
+def keycloak() -> Iterator[KeycloakStub]:
+    """A faked Keycloak; an answer registered but not used is fine, an unregistered call fails the test."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield KeycloakStub(mock)
+
+
+@pytest.fixture
+def app(settings: Settings, keycloak: KeycloakStub) -> Flask:
+    """A fresh broker app per test."""
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """Flask's test client for the app."""
+    return app.test_client()
+
+
+def body_of(response) -> dict:
+    """The JSON body of a test-client response, parsed strictly."""
+    return json.loads(response.get_data(as_text=True))
