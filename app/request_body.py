@@ -22,7 +22,10 @@ def check_body_size() -> None:
 
 def read_body() -> dict[str, Any]:
     """The body as a dict: JSON object or form fields; empty body → {}; raise 400/413/415 otherwise."""
-    raw = request.get_data(cache=True)  # werkzeug stops at MAX_CONTENT_LENGTH even without Content-Length
+    raw = request.get_data(cache=True)
+    if request.content_length is None and len(raw) >= current_app.config["MAX_CONTENT_LENGTH"]:
+        # A chunked body: werkzeug stops reading at the limit without saying whether more was coming.
+        raise PayloadTooLarge()
     mimetype = request.mimetype
     if not raw:
         return {}
