@@ -157,13 +157,12 @@ class KeycloakClient:
         """POST a client-authenticated form; return the JSON body of a success or raise the mapped error."""
         form = {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret, **form}
         response = self._send(operation, "POST", url, data=form)
-        if response.status_code == 204 and operation == LOGOUT:
-            return None
+        if operation == LOGOUT and response.status_code in (200, 204) and not response.content:
+            return None  # Keycloak answers 204; an empty 200 means the same
         body = _json(response)
-        if response.status_code == 200 and operation != LOGOUT:
+        if operation != LOGOUT and response.status_code == 200:
             return body
-        if response.status_code == 200 and operation == LOGOUT and body in (None, {}):
-            return None
+        # Anything else, including a 200 HTML page from the logout endpoint, is a refusal or unusable.
         raise self._refusal(operation, response, body)
 
     def _refusal(self, operation: str, response: requests.Response, body: Any) -> BrokerError:

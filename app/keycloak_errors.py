@@ -86,6 +86,8 @@ RULES: tuple[Rule, ...] = (
     Rule((REFRESH,), "invalid_grant", "Session doesn't have required client", _refresh(SESSION_ENDED)),
     Rule((REFRESH,), "invalid_grant", "Stale token", _refresh(SESSION_ENDED),
          "not-before pushed by an admin, or an older token of a rotated chain"),
+    Rule((REFRESH,), "invalid_grant", "User disabled", _refresh("Account is disabled"),
+         "the user was disabled after logging in (the session survives until re-enabled or ended)"),
     Rule((REFRESH, LOGOUT), "invalid_grant", "Invalid refresh token. Token client and authorized client don't match",
          _refresh("Refresh token was issued to another client")),
     Rule((REFRESH, LOGOUT), "invalid_grant", ANY, _refresh(INVALID_REFRESH),

@@ -57,6 +57,7 @@ def post(client, route):
         (REFRESH, 400, "invalid_grant", "Stale token", 400, "invalid_grant", "Session has ended"),
         (REFRESH, 400, "invalid_grant", "Maximum allowed refresh token reuse exceeded", 400, "invalid_grant",
          "Refresh token was already used; the session has been ended"),
+        (REFRESH, 400, "invalid_grant", "User disabled", 400, "invalid_grant", "Account is disabled"),
         (REFRESH, 400, "invalid_grant", None, 400, "invalid_grant", "Invalid refresh token"),
         (REFRESH, 400, "invalid_scope", "Invalid scopes: admin", 400, "invalid_scope",
          "The requested scope is not allowed for this client"),
@@ -107,6 +108,13 @@ def test_unusable_keycloak_answers_are_upstream_errors(client, keycloak, status,
     response = post(client, REFRESH)
     assert (response.status_code, body_of(response)) == (502, UNUSABLE)
 
+
+
+def test_an_html_page_from_the_logout_endpoint_is_not_a_logout(client, keycloak):
+    """Keycloak's logout confirmation page (a 200 in HTML) is an upstream error, not a success."""
+    keycloak.answers(200, "<html>Do you want to log out?</html>", "text/html", url=LOGOUT_URL)
+    response = post(client, LOGOUT)
+    assert (response.status_code, body_of(response)) == (502, UNUSABLE)
 
 
 def test_login_refusal_from_unreachable_keycloak_is_503_with_retry_after(client, keycloak):

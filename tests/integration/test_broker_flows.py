@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
+from tests.integration.helpers import claims
 
 TOKEN_KEYS = {"access_token", "refresh_token", "expires_in", "refresh_expires_in", "token_type", "scope", "id_token"}
 INVALID_CREDENTIALS = {"error": "invalid_grant", "message": "Invalid username or password"}
@@ -16,12 +17,6 @@ REQUIRED = {"error": "refresh_token_required", "message": "Refresh token is requ
 SESSION_ENDED = {"error": "invalid_grant", "message": "Session has ended"}
 INVALID_REFRESH = {"error": "invalid_grant", "message": "Invalid refresh token"}
 REUSED = {"error": "invalid_grant", "message": "Refresh token was already used; the session has been ended"}
-
-
-def claims(jwt: str) -> dict:
-    """The payload of a JWT, unverified (the tests only read who it was issued for)."""
-    payload = jwt.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
 class Broker:
@@ -233,3 +228,42 @@ def test_concurrent_logins_of_one_user_trip_brute_force_detection(broker, make_u
     assert sorted(set(statuses)) in ([200, 401], [401])
     assert statuses.count(401) >= 1
     assert Broker(broker.url).login(user.username, user.password).status_code == 200
+
+
+def test_a_refresh_after_the_realm_revoked_older_tokens_is_refused(broker, kc_admin, keycloak_server):
+    """Tokens issued before the realm's not-before ("Revocation: set to now") answer "Session has ended"."""
+    tokens = broker.tokens("alice", "alice-password")
+    time.sleep(1.1)  # not-before has one-second resolution
+    kc_admin.update_realm(keycloak_server.realm, {"notBefore": int(time.time())})
+    try:
+        assert outcome(broker.refresh(tokens["refresh_token"])) == (400, SESSION_ENDED)
+    finally:
+        kc_admin.update_realm(keycloak_server.realm, {"notBefore": 0})
+
+
+def test_a_user_disabled_after_login_cannot_refresh(broker, kc_admin, make_user):
+    """Disabling a logged-in user makes refresh answer "Account is disabled"."""
+    user = make_user()
+    tokens = broker.tokens(user.username, user.password)
+    kc_admin.update_user(user.id, {"enabled": False})
+    assert outcome(broker.refresh(tokens["refresh_token"])) == (
+        400,
+        {"error": "invalid_grant", "message": "Account is disabled"},
+    )
+
+
+def test_a_scope_the_client_may_not_have_is_refused_on_refresh(broker):
+    """Asking for an unknown scope on refresh answers 400 invalid_scope."""
+    tokens = broker.tokens("alice", "alice-password")
+    response = broker.post("/api/auth/refresh-token", json={"refresh_token": tokens["refresh_token"],
+                                                             "scope": "openid no-such-scope"})
+    assert outcome(response) == (
+        400,
+        {"error": "invalid_scope", "message": "The requested scope is not allowed for this client"},
+    )
+
+
+@pytest.mark.parametrize("garbage", ["garbage", "a.b.c"])
+def test_logout_with_a_garbage_token_is_refused(broker, garbage):
+    """Logout with a string that is no refresh token answers 400 invalid_grant."""
+    assert outcome(broker.logout(garbage)) == (400, INVALID_REFRESH)

@@ -8,11 +8,12 @@ import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
 import requests
+
+from tests.integration.helpers import claims, temp_client
 
 INVALID_CLIENT_CREDENTIALS = "Invalid client or Invalid client credentials"
 OTHER_CLIENT_SECRET = "probe-other-secret"
@@ -28,12 +29,6 @@ def answer(response: requests.Response) -> tuple[int, dict]:
 
 def grant_error(description: str) -> dict:
     return {"error": "invalid_grant", "error_description": description}
-
-
-def claims(jwt: str) -> dict:
-    """The payload of a JWT, decoded without checking anything."""
-    payload = jwt.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
 def b64_json(value: dict) -> str:
@@ -73,26 +68,6 @@ def login(kc, user, **form: str) -> dict:
 
 def password_grant(kc, username: str, password: str, **form: str) -> requests.Response:
     return kc.token(grant_type="password", username=username, password=password, **form)
-
-
-@contextmanager
-def temp_client(kc_admin, **representation) -> Iterator[str]:
-    """A confidential client created for the duration of the block; yields its clientId."""
-    client_id = f"probe-{uuid.uuid4().hex[:8]}"
-    internal_id = kc_admin.create_client(
-        {
-            "clientId": client_id,
-            "protocol": "openid-connect",
-            "publicClient": False,
-            "standardFlowEnabled": False,
-            "directAccessGrantsEnabled": True,
-            **representation,
-        }
-    )
-    try:
-        yield client_id
-    finally:
-        kc_admin.delete_client(internal_id)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,20 @@
-"""Misconfigured brokers against the real Keycloak: the caller gets a 502/503, never a reason to log out."""
+"""Brokers configured with other clients or addresses, against the real Keycloak.
+
+A misconfigured broker answers 502/503, never a reason for the frontend to log the user out.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import uuid
+import time
 from dataclasses import replace
 
 import pytest
 
 from app import create_app
 from app.config import Settings
+from tests.integration.helpers import temp_client
 
 MISCONFIGURED = "The broker is misconfigured; try again later"
 
@@ -55,16 +59,9 @@ def test_an_unknown_client_is_502_invalid_client(settings):
 
 def test_a_client_without_direct_grants_is_502_unauthorized_client(settings, kc_admin):
     """A confidential client whose direct access grants are off: 502 unauthorized_client."""
-    client_id = f"no-direct-{uuid.uuid4().hex[:8]}"
-    internal_id = kc_admin.create_client({
-        "clientId": client_id, "publicClient": False, "secret": "no-direct-secret",
-        "directAccessGrantsEnabled": False, "standardFlowEnabled": True, "redirectUris": ["http://127.0.0.1/*"],
-    })
-    try:
+    with temp_client(kc_admin, secret="no-direct-secret", directAccessGrantsEnabled=False) as client_id:
         configured = replace(settings, client_id=client_id, client_secret="no-direct-secret")
         assert call(configured, *LOGIN) == (502, {"error": "unauthorized_client", "message": MISCONFIGURED})
-    finally:
-        kc_admin.delete_client(internal_id)
 
 
 def test_a_wrong_realm_is_502_upstream_error(settings):
@@ -84,18 +81,24 @@ def test_nothing_listening_is_503(settings):
 
 
 def test_a_refresh_token_of_another_client_is_refused(settings, keycloak_server, kc_admin):
-    """A refresh token issued to another client of the realm answers 400 invalid_grant."""
-    client_id = f"other-{uuid.uuid4().hex[:8]}"
-    internal_id = kc_admin.create_client({
-        "clientId": client_id, "publicClient": False, "secret": "other-secret",
-        "directAccessGrantsEnabled": True, "standardFlowEnabled": False,
-    })
-    try:
+    """A refresh token issued to another client of the realm answers 400 invalid_grant, for refresh and logout."""
+    with temp_client(kc_admin, secret="other-secret") as client_id:
         other = keycloak_server.token(grant_type="password", username="alice", password="alice-password",
                                       client_id=client_id, client_secret="other-secret").json()
-        assert call(settings, "/api/auth/refresh-token", {"refresh_token": other["refresh_token"]}) == (
+        expected = (400, {"error": "invalid_grant", "message": "Refresh token was issued to another client"})
+        assert call(settings, "/api/auth/refresh-token", {"refresh_token": other["refresh_token"]}) == expected
+        assert call(settings, "/api/auth/logout", {"refresh_token": other["refresh_token"]}) == expected
+
+
+def test_an_expired_refresh_token_is_refused_as_expired(settings, kc_admin, make_user):
+    """A refresh token past its lifetime answers 400 invalid_grant "Refresh token expired"."""
+    user = make_user()
+    with temp_client(kc_admin, secret="short-secret", attributes={"client.session.idle.timeout": "2"}) as client_id:
+        short = replace(settings, client_id=client_id, client_secret="short-secret")
+        status, body = call(short, "/api/auth/login", {"username": user.username, "password": user.password})
+        assert (status, body["token"]["refresh_expires_in"]) == (200, 2)
+        time.sleep(3.2)
+        assert call(short, "/api/auth/refresh-token", {"refresh_token": body["token"]["refresh_token"]}) == (
             400,
-            {"error": "invalid_grant", "message": "Refresh token was issued to another client"},
+            {"error": "invalid_grant", "message": "Refresh token expired"},
         )
-    finally:
-        kc_admin.delete_client(internal_id)
