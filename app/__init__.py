@@ -10,11 +10,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from flask import Flask, Response, g, request
 
+from app.access_tokens import AccessTokenValidator, SessionCheck, SigningKeys, TokenPolicy
 from app.config import Settings
 from app.errors import register_error_handlers
 from app.keycloak_client import KeycloakClient
 from app.request_body import check_body_size
-from app.routes import auth, health
+from app.routes import auth, health, tokens
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
@@ -24,6 +25,25 @@ def _version() -> str:
         return version("token-broker")
     except PackageNotFoundError:
         return "0.0.0+unknown"
+
+
+def _token_policy(settings: Settings, keycloak: KeycloakClient):
+    """A TokenPolicy built once the realm's issuer is known (from the discovery document)."""
+    built: list[TokenPolicy] = []
+
+    def policy() -> TokenPolicy:
+        if not built:
+            built.append(
+                TokenPolicy(
+                    issuer=keycloak.discovery()["issuer"],
+                    leeway=settings.token_leeway,
+                    audiences=settings.token_audiences,
+                    authorized_parties=settings.token_authorized_parties,
+                )
+            )
+        return built[0]
+
+    return policy
 
 
 def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None = None) -> Flask:
@@ -37,10 +57,20 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
     )
     app.json.sort_keys = False
-    app.extensions["keycloak"] = keycloak or KeycloakClient(settings)
+    keycloak = keycloak or KeycloakClient(settings)
+    app.extensions["keycloak"] = keycloak
+    app.extensions["signing_keys"] = keys = SigningKeys(
+        keycloak.jwks,
+        min_refetch_interval=settings.jwks_min_refetch_seconds,
+        max_age=settings.jwks_max_age_seconds,
+    )
+    app.extensions["access_tokens"] = AccessTokenValidator(keys, _token_policy(settings, keycloak))
+    if settings.introspection:
+        app.extensions["session_check"] = SessionCheck(keycloak.introspect, ttl=settings.introspection_cache_seconds)
     logging.getLogger("app").setLevel(settings.log_level)
 
     app.register_blueprint(auth.bp)
+    app.register_blueprint(tokens.bp)
     app.register_blueprint(health.bp)
     register_error_handlers(app)
 

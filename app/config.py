@@ -34,6 +34,13 @@ class Settings:
     upstream_retry_after: int = 5
     login_scope: str = "openid"
     log_level: str = "INFO"
+    token_leeway: int = 10
+    token_audiences: frozenset[str] = frozenset()
+    token_authorized_parties: frozenset[str] = frozenset()
+    jwks_min_refetch_seconds: float = 10.0
+    jwks_max_age_seconds: float = 600.0
+    introspection: bool = False
+    introspection_cache_seconds: float = 10.0
     bind: str = "127.0.0.1:8000"
     workers: int = 2
     threads: int = 8
@@ -73,6 +80,13 @@ class Settings:
             upstream_retry_after=reader.get("BROKER_UPSTREAM_RETRY_AFTER", 5, _int_between(1, 3600)),
             login_scope=reader.get("BROKER_LOGIN_SCOPE", "openid", _scope),
             log_level=reader.get("BROKER_LOG_LEVEL", "INFO", _log_level),
+            token_leeway=reader.get("BROKER_TOKEN_LEEWAY", 10, _int_between(0, 300)),
+            token_audiences=reader.get("BROKER_TOKEN_AUDIENCES", frozenset(), _names),
+            token_authorized_parties=reader.get("BROKER_TOKEN_AUTHORIZED_PARTIES", frozenset(), _names),
+            jwks_min_refetch_seconds=reader.get("BROKER_JWKS_MIN_REFETCH_SECONDS", 10.0, _positive_float),
+            jwks_max_age_seconds=reader.get("BROKER_JWKS_MAX_AGE_SECONDS", 600.0, _int_between(10, 86400)),
+            introspection=reader.get("BROKER_TOKEN_INTROSPECTION", False, _bool),
+            introspection_cache_seconds=reader.get("BROKER_INTROSPECTION_CACHE_SECONDS", 10.0, _positive_float),
             bind=reader.get("BROKER_BIND", "127.0.0.1:8000", _bind),
             workers=reader.get("BROKER_WORKERS", 2, _int_between(1, 64)),
             threads=reader.get("BROKER_THREADS", 8, _int_between(1, 256)),
@@ -134,6 +148,22 @@ def _name(raw: str) -> str:
     if "/" in raw or any(c.isspace() for c in raw):
         raise ValueError(f"must not contain '/' or spaces, got {raw!r}")
     return raw
+
+
+def _names(raw: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    if not names:
+        raise ValueError("must be a comma-separated list of names")
+    return names
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
 
 
 def _bind(raw: str) -> str:

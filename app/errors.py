@@ -6,6 +6,8 @@
     ├── RefreshRejected                400   invalid_grant            (Keycloak refused a refresh token)
     ├── InvalidScope                   400   invalid_scope
     ├── LoginRejected                  401   invalid_grant            (Keycloak refused a password login)
+    ├── AccessTokenRequired            401   access_token_required    (+ WWW-Authenticate)
+    ├── InvalidToken                   401   invalid_token            (+ WWW-Authenticate, X-Token-Expired)
     ├── NotFound                       404   not_found
     ├── MethodNotAllowed               405   method_not_allowed
     ├── PayloadTooLarge                413   payload_too_large
@@ -81,6 +83,35 @@ class InvalidScope(BrokerError):
 
 class LoginRejected(BrokerError):
     status, error, message = 401, "invalid_grant", "Invalid username or password"
+
+
+BEARER_REALM = "token-broker"
+
+
+class AccessTokenRequired(BrokerError):
+    """No `Authorization: Bearer` on a bearer route (RFC 6750 3.1: no error code in the challenge)."""
+
+    status, error, message = 401, "access_token_required", "An access token is required"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message, headers={"WWW-Authenticate": f'Bearer realm="{BEARER_REALM}"'})
+
+
+class InvalidToken(BrokerError):
+    """A bearer token that is malformed, forged, expired, of the wrong type or for another issuer."""
+
+    status, error, message = 401, "invalid_token", "Invalid access token"
+
+    def __init__(self, message: str | None = None, *, expired: bool = False):
+        description = (message or self.message).replace('"', "'")
+        headers = {
+            "WWW-Authenticate": f'Bearer realm="{BEARER_REALM}", error="invalid_token", '
+            f'error_description="{description}"'
+        }
+        if expired:
+            headers["X-Token-Expired"] = "true"
+        super().__init__(message, headers=headers)
+        self.expired = expired
 
 
 class NotFound(BrokerError):

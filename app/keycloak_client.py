@@ -27,7 +27,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.keycloak_errors import LOGIN, LOGOUT, REFRESH, translate
+from app.keycloak_errors import INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, translate
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,27 @@ class KeycloakClient:
     def logout(self, refresh_token: str) -> None:
         """End the Keycloak session the refresh token belongs to; raise BrokerError if Keycloak refuses."""
         self._token_call(LOGOUT, self.discovery()["end_session_endpoint"], {"refresh_token": refresh_token})
+
+    def jwks(self) -> Any:
+        """The realm's JSON Web Key Set as Keycloak serves it; raise BrokerError if it cannot be had."""
+        url = self.discovery()["jwks_uri"]
+        response = self._send(KEYS, "GET", url)
+        document = _json(response)
+        if response.status_code != 200 or not isinstance(document, dict):
+            log.error("Keycloak's JWKS is unusable: GET %s answered %s", url, response.status_code)
+            raise UpstreamError()
+        return document
+
+    def introspect(self, token: str) -> bool:
+        """Ask Keycloak whether an access token is still active (RFC 7662); raise BrokerError on failure."""
+        url = self.discovery().get("introspection_endpoint")
+        if not isinstance(url, str):
+            log.error("Keycloak's discovery document names no introspection_endpoint")
+            raise UpstreamError()
+        body = self._token_call(INTROSPECT, url, {"token": token, "token_type_hint": "access_token"})
+        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
+            raise UpstreamError()
+        return body["active"]
 
     def _token_call(self, operation: str, url: str, form: dict[str, str]) -> Any:
         """POST a client-authenticated form; return the JSON body of a success or raise the mapped error."""

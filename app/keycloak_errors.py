@@ -25,7 +25,9 @@ from app.errors import (
 LOGIN = "login"
 REFRESH = "refresh"
 LOGOUT = "logout"
-OPERATIONS = (LOGIN, REFRESH, LOGOUT)
+INTROSPECT = "introspect"
+KEYS = "keys"
+OPERATIONS = (LOGIN, REFRESH, LOGOUT, INTROSPECT)
 
 ANY = None  # matches any error_description
 

@@ -94,6 +94,22 @@ class MessageResponse(Schema):
     message = fields.String(required=True)
 
 
+class MeResponse(Schema):
+    """The caller's identity as GET /api/auth/me answers it; claims the token lacks are null."""
+
+    sub = fields.String(allow_none=True)
+    username = fields.String(allow_none=True)
+    email = fields.String(allow_none=True)
+    email_verified = fields.Boolean(allow_none=True)
+    name = fields.String(allow_none=True)
+    given_name = fields.String(allow_none=True)
+    family_name = fields.String(allow_none=True)
+    roles = fields.List(fields.String())
+    client_roles = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+    scope = fields.String(allow_none=True)
+    expires_at = fields.Integer(allow_none=True)
+
+
 class ErrorResponse(Schema):
     error = fields.String(required=True)
     message = fields.String(required=True)
@@ -104,3 +120,4 @@ refresh_request = RefreshRequest()
 logout_request = LogoutRequest()
 token_response = TokenResponse()
 message_response = MessageResponse()
+me_response = MeResponse()

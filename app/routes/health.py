@@ -1,4 +1,4 @@
-"""GET /health (liveness, no upstream calls) and GET /ready (Keycloak's discovery document in hand)."""
+"""GET /health (liveness, no upstream calls) and GET /ready (discovery document and signing keys in hand)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> Response:
-    """200 once Keycloak's discovery document is in hand; 503 upstream_unavailable otherwise."""
+    """200 once the discovery document and the realm's signing keys are in hand; 503 otherwise."""
     try:
         current_app.extensions["keycloak"].discovery()
     except BrokerError:
         raise UpstreamUnavailable("Keycloak's discovery document is not available yet") from None
+    if not current_app.extensions["signing_keys"].ready():
+        raise UpstreamUnavailable("The realm's signing keys are not available yet")
     return jsonify(status="ready")

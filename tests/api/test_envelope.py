@@ -6,8 +6,10 @@ import logging
 import re
 
 import pytest
+import requests
+import responses
 
-from tests.api.conftest import body_of
+from tests.api.conftest import JWKS_URL, body_of
 
 
 def test_a_sane_request_id_is_echoed(client):
@@ -68,7 +70,17 @@ def test_ready_is_503_while_keycloak_is_unreachable(client, keycloak):
     assert response.headers["Retry-After"] == "5"
 
 
-def test_ready_is_200_once_discovery_is_in_hand(client, keycloak):
-    """Readiness is 200 when the discovery document was fetched."""
+def test_ready_is_503_while_the_signing_keys_are_missing(client, keycloak):
+    """Readiness is 503 when discovery answers but the JWKS cannot be fetched."""
+    keycloak.mock.replace(responses.GET, JWKS_URL, body=requests.ConnectionError("refused"))
+    response = client.get("/ready")
+    assert (response.status_code, body_of(response)) == (
+        503,
+        {"error": "upstream_unavailable", "message": "The realm's signing keys are not available yet"},
+    )
+
+
+def test_ready_is_200_once_discovery_and_keys_are_in_hand(client, keycloak):
+    """Readiness is 200 when the discovery document and the signing keys were fetched."""
     response = client.get("/ready")
     assert (response.status_code, body_of(response)) == (200, {"status": "ready"})

@@ -1,0 +1,282 @@
+"""Local validation of Keycloak access tokens: the realm's signing keys, kept and refetched carefully.
+
+`SigningKeys` holds the realm's JWKS. Keys are fetched once and kept; an unknown `kid` triggers at most
+one refetch at a time (single-flight) and never more often than `min_refetch_interval`; keys older than
+`max_age` are refreshed by one request while the others go on with the keys in hand; and when Keycloak
+cannot be reached, the keys in hand keep working.
+
+`AccessTokenValidator` checks a bearer token with joserfc (see docs/architecture.md for why): compact
+JWS shape and size, an asymmetric algorithm that matches the key's own, the signature, `iss`, `typ`
+(an access token, not a refresh or ID token), `exp`/`nbf`/`iat` with leeway, and optionally `aud`/`azp`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import JWKRegistry
+from joserfc.jws import JWSRegistry
+
+from app.errors import BrokerError, InvalidToken, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+# Asymmetric algorithms only: never "none", never an HMAC (an HMAC "verified" with a public key is forgeable).
+ALLOWED_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+# joserfc allows only its "recommended" algorithms by default; a realm may sign with any of ours.
+_JWS_REGISTRY = JWSRegistry(algorithms=sorted(ALLOWED_ALGORITHMS), strict_check_header=False)
+MAX_TOKEN_BYTES = 8192
+MAX_HEADER_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One verification key of the realm, with the one algorithm it may be used with."""
+
+    kid: str
+    algorithm: str
+    key: Any
+
+
+def parse_jwks(document: Any) -> dict[str, SigningKey]:
+    """The signature keys of a JWKS document by kid; encryption keys and unusable entries are skipped."""
+    keys: dict[str, SigningKey] = {}
+    entries = document.get("keys") if isinstance(document, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+            continue
+        kid, algorithm = entry.get("kid"), entry.get("alg")
+        if not isinstance(kid, str) or algorithm not in ALLOWED_ALGORITHMS:
+            continue
+        try:
+            keys[kid] = SigningKey(kid, algorithm, JWKRegistry.import_key(entry))
+        except (JoseError, ValueError, TypeError):
+            log.warning("skipping an unusable key (kid=%s) in the realm's JWKS", kid)
+    return keys
+
+
+class SigningKeys:
+    """The realm's signing keys: fetched once, refetched on an unknown kid (single-flight, rate-bounded).
+
+    The minimum interval gates refetches that could be driven by callers: those for an unknown kid, and
+    any attempt after a failed one. The first fetch and the periodic refresh do not start the clock, so
+    the first token signed with a newly rotated key right after start-up is still recognised.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], Any],
+        *,
+        min_refetch_interval: float,
+        max_age: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._fetch = fetch
+        self._min_interval = min_refetch_interval
+        self._max_age = max_age
+        self._clock = clock
+        self._keys: dict[str, SigningKey] | None = None
+        self._fetched_at = float("-inf")
+        self._gate = float("-inf")  # when the last caller-driven or failed fetch happened
+        self._lock = threading.Lock()
+        self.fetch_count = 0
+
+    def ready(self) -> bool:
+        """True when keys are in hand (fetching them first if there are none and a fetch is due)."""
+        if self._keys is None:
+            self._refetch(wanted=None)
+        return bool(self._keys)
+
+    def get(self, kid: str) -> SigningKey | None:
+        """The key for `kid`, refetching the JWKS when it is unknown; raise UpstreamUnavailable if there are no keys."""
+        keys = self._keys
+        if keys is not None and self._clock() - self._fetched_at > self._max_age:
+            self._refresh_in_passing()
+            keys = self._keys
+        if keys is not None and kid in keys:
+            return keys[kid]
+        self._refetch(wanted=kid)
+        if self._keys is None:
+            raise UpstreamUnavailable("The realm's signing keys are not available yet")
+        return self._keys.get(kid)
+
+    def _refresh_in_passing(self) -> None:
+        """Old keys: one caller refetches, the others carry on with the keys in hand."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._clock() - self._fetched_at > self._max_age:
+                    self._fetch_now(caller_driven=False)
+            finally:
+                self._lock.release()
+
+    def _refetch(self, wanted: str | None) -> None:
+        with self._lock:  # single-flight: callers queue here and find the fresh keys afterwards
+            if self._keys is not None and (wanted is None or wanted in self._keys):
+                return
+            if self._clock() - self._gate < self._min_interval:
+                return
+            self._fetch_now(caller_driven=self._keys is not None)
+
+    def _fetch_now(self, *, caller_driven: bool) -> None:
+        self.fetch_count += 1
+        if caller_driven:
+            self._gate = self._clock()
+        try:
+            keys = parse_jwks(self._fetch())
+        except BrokerError as exc:
+            self._gate = self._clock()
+            log.warning("could not fetch the realm's signing keys (%s); keeping the %d in hand",
+                        exc.error, len(self._keys or {}))
+            return
+        if not keys:
+            self._gate = self._clock()
+            log.error("the realm's JWKS has no usable signature key; keeping the %d in hand", len(self._keys or {}))
+            return
+        self._keys = keys
+        self._fetched_at = self._clock()
+
+
+@dataclass(frozen=True)
+class TokenPolicy:
+    """What a valid access token must satisfy besides its signature."""
+
+    issuer: str
+    leeway: int = 10
+    audiences: frozenset[str] = frozenset()
+    authorized_parties: frozenset[str] = frozenset()
+
+
+class AccessTokenValidator:
+    """Validates bearer tokens against the realm's keys and a TokenPolicy; raises InvalidToken."""
+
+    def __init__(self, keys: SigningKeys, policy: Callable[[], TokenPolicy], clock: Callable[[], float] = time.time):
+        self.keys = keys
+        self._policy = policy
+        self._clock = clock
+
+    def validate(self, token: str) -> dict[str, Any]:
+        """The token's claims if it is a valid access token of the realm; raise InvalidToken otherwise."""
+        header = _header(token)
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if algorithm not in ALLOWED_ALGORITHMS:
+            raise InvalidToken("Access token uses a signature algorithm that is not accepted")
+        if not isinstance(kid, str) or not kid:
+            raise InvalidToken("Access token names no signing key")
+        key = self.keys.get(kid)
+        if key is None:
+            raise InvalidToken("Access token was signed with an unknown key")
+        if key.algorithm != algorithm:
+            raise InvalidToken("Access token's algorithm does not match its key")
+        try:
+            claims = jwt.decode(token, key.key, algorithms=[key.algorithm], registry=_JWS_REGISTRY).claims
+        except (JoseError, ValueError, TypeError):
+            raise InvalidToken("Access token signature is invalid") from None
+        if not isinstance(claims, dict):
+            raise InvalidToken("Access token is malformed")
+        self._check_claims(claims, self._policy())
+        return claims
+
+    def _check_claims(self, claims: dict[str, Any], policy: TokenPolicy) -> None:
+        faults: list[str] = []
+        if claims.get("iss") != policy.issuer:
+            faults.append("Access token was issued by another issuer")
+        if claims.get("typ") != "Bearer":
+            faults.append("Token is not an access token")
+        now = self._clock()
+        for name in ("exp", "iat"):
+            if not _is_number(claims.get(name)):
+                faults.append(f"Access token has no valid '{name}' claim")
+        if _is_number(claims.get("iat")) and claims["iat"] > now + policy.leeway:
+            faults.append("Access token was issued in the future")
+        if claims.get("nbf") is not None and (not _is_number(claims["nbf"]) or claims["nbf"] > now + policy.leeway):
+            faults.append("Access token is not valid yet")
+        if policy.audiences and not policy.audiences & _as_set(claims.get("aud")):
+            faults.append("Access token is not meant for this audience")
+        if policy.authorized_parties and claims.get("azp") not in policy.authorized_parties:
+            faults.append("Access token was issued to a client that is not accepted")
+        expired = _is_number(claims.get("exp")) and claims["exp"] <= now - policy.leeway
+        if faults:
+            raise InvalidToken(faults[0])
+        if expired:
+            raise InvalidToken("Access token expired", expired=True)
+
+
+def _header(token: str) -> dict[str, Any]:
+    if len(token) > MAX_TOKEN_BYTES:
+        raise InvalidToken("Access token is too large")
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise InvalidToken("Access token is malformed")
+    if len(parts[0]) > MAX_HEADER_BYTES:
+        raise InvalidToken("Access token header is too large")
+    try:
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidToken("Access token is malformed") from None
+    if not isinstance(header, dict):
+        raise InvalidToken("Access token is malformed")
+    return header
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_set(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, str)}
+    return set()
+
+
+class SessionCheck:
+    """The optional online check: asks Keycloak whether a token is still active, caching each verdict briefly.
+
+    Entries are keyed by a SHA-256 of the token (the token itself is never kept), live `ttl` seconds and
+    are bounded in number, the oldest going first.
+    """
+
+    def __init__(
+        self,
+        introspect: Callable[[str], bool],
+        *,
+        ttl: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._introspect = introspect
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._verdicts: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def active(self, token: str) -> bool:
+        """True while Keycloak says the token's session lives; raise BrokerError when Keycloak cannot say."""
+        key = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
+        with self._lock:
+            cached = self._verdicts.get(key)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        verdict = self._introspect(token)
+        with self._lock:
+            self._verdicts[key] = (verdict, now + self._ttl)
+            self._verdicts.move_to_end(key)
+            while len(self._verdicts) > self._max_entries:
+                self._verdicts.popitem(last=False)
+        return verdict

@@ -1,0 +1,88 @@
+"""GET /api/auth/me (who am I) and /api/auth/verify (yes/no for gateways), from a locally validated bearer token."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from app.errors import AccessTokenRequired, InvalidToken
+from app.schemas import me_response
+
+bp = Blueprint("tokens", __name__, url_prefix="/api/auth")
+
+# nginx auth_request sends the original request's method; Traefik forward-auth sends GET.
+GATEWAY_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def bearer_token() -> str:
+    """The token of `Authorization: Bearer <token>`; raise AccessTokenRequired or InvalidToken."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AccessTokenRequired()
+    if any(c.isspace() for c in token):
+        raise InvalidToken("Access token is malformed")
+    return token
+
+
+def authenticated_claims() -> dict[str, Any]:
+    """The claims of the caller's valid access token (and a live session, when the online check is on)."""
+    token = bearer_token()
+    claims = current_app.extensions["access_tokens"].validate(token)
+    session_check = current_app.extensions.get("session_check")
+    if session_check is not None and not session_check.active(token):
+        raise InvalidToken("The session of this access token has ended")
+    return claims
+
+
+def identity(claims: dict[str, Any]) -> dict[str, Any]:
+    """The contract's identity fields from access-token claims."""
+    realm_access = claims.get("realm_access")
+    resource_access = claims.get("resource_access")
+    return {
+        "sub": claims.get("sub"),
+        "username": claims.get("preferred_username"),
+        "email": claims.get("email"),
+        "email_verified": claims.get("email_verified"),
+        "name": claims.get("name"),
+        "given_name": claims.get("given_name"),
+        "family_name": claims.get("family_name"),
+        "roles": _roles(realm_access),
+        "client_roles": {
+            client: _roles(access)
+            for client, access in (resource_access.items() if isinstance(resource_access, dict) else [])
+        },
+        "scope": claims.get("scope"),
+        "expires_at": claims.get("exp"),
+    }
+
+
+def _roles(access: Any) -> list[str]:
+    roles = access.get("roles") if isinstance(access, dict) else None
+    return sorted(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else []
+
+
+def _header_value(value: Any) -> str:
+    """Printable ASCII as is; anything else (non-ASCII, control characters, '%') percent-encoded as UTF-8."""
+    return quote(str(value), safe=_HEADER_SAFE) if value is not None else ""
+
+
+@bp.get("/me")
+def me() -> Response:
+    """200 with the caller's identity; 401 access_token_required or invalid_token."""
+    return jsonify(me_response.dump(identity(authenticated_claims())))
+
+
+@bp.route("/verify", methods=GATEWAY_METHODS)
+def verify() -> Response:
+    """204 with X-Auth-* identity headers for a valid access token; 401 in the fixed shape otherwise."""
+    who = identity(authenticated_claims())
+    response = Response(status=204)
+    response.headers["X-Auth-Subject"] = _header_value(who["sub"])
+    response.headers["X-Auth-Username"] = _header_value(who["username"])
+    response.headers["X-Auth-Email"] = _header_value(who["email"])
+    response.headers["X-Auth-Roles"] = _header_value(",".join(who["roles"]))
+    return response

@@ -1,0 +1,1 @@
+"""Tests of the app with Keycloak faked by `responses`."""

@@ -1,0 +1,1 @@
+"""Tests against the real Keycloak and the real broker under gunicorn."""

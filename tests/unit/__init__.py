@@ -1,0 +1,1 @@
+"""Pure-logic tests, and client tests over real loopback sockets."""
