@@ -4,10 +4,18 @@ Every variable is read and validated by app.config.Settings, so a bad value stop
 any worker starts, with a message naming the variable.
 """
 
+import glob
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Prometheus multiprocess mode: every worker writes samples into this directory, /metrics sums them.
+# It must be set before anything imports prometheus_client (importing app.config imports the app package),
+# and start empty.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="token-broker-metrics-")
 
 from app.config import ConfigError, Settings  # noqa: E402
 
@@ -17,6 +25,22 @@ except ConfigError as exc:
     sys.exit(f"token-broker: {exc}")
 
 wsgi_app = "app:create_app()"
+# Several brokers may run on one machine (tests, benchmarks): none of them needs gunicorn's control socket.
+control_socket_disable = True
+
+
+def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """Start with no samples left over from an earlier run (only prometheus_client's own files are removed)."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for stale in glob.glob(os.path.join(directory, "*.db")):
+        os.remove(stale)
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 bind = _settings.bind
 worker_class = "gthread"
 workers = _settings.workers
@@ -28,8 +52,20 @@ keepalive = 5
 limit_request_line = 4096
 limit_request_fields = 100
 limit_request_field_size = 8190
+# Logs: JSON lines on stderr. The broker writes its own access line per request (app/logs.py: no query
+# strings, headers or bodies), so gunicorn's access log stays off.
 errorlog = "-"
+accesslog = None
 loglevel = _settings.log_level.lower()
-accesslog = "-"
-# %(U)s is the path without the query string: nothing a client put in a URL reaches the log.
-access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "app.logs.JsonFormatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "root": {"level": _settings.log_level, "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": _settings.log_level, "handlers": ["stderr"], "propagate": False},
+        "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
+        "urllib3": {"level": "WARNING"},
+    },
+}

@@ -14,6 +14,8 @@ from app.access_tokens import AccessTokenValidator, SessionCheck, SigningKeys, T
 from app.config import Settings
 from app.errors import register_error_handlers
 from app.keycloak_client import KeycloakClient
+from app.logs import log_request, start_request
+from app.metrics import observe_request
 from app.request_body import check_body_size
 from app.routes import auth, health, tokens
 
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
 
     @app.before_request
     def _start_request() -> None:
+        start_request()
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if _SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         check_body_size()
@@ -87,6 +90,8 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
             # RFC 6749 section 5.1: token responses, and errors of token endpoints, are never cached.
             response.headers["Cache-Control"] = "no-store"
             response.headers["Pragma"] = "no-cache"
+        log_request(response)
+        observe_request(response)
         return response
 
     return app

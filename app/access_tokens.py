@@ -29,6 +29,7 @@ from joserfc.jwk import JWKRegistry
 from joserfc.jws import JWSRegistry
 
 from app.errors import BrokerError, InvalidToken, UpstreamUnavailable
+from app.metrics import KEY_FETCHES
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,16 @@ class SigningKeys:
             keys = parse_jwks(self._fetch())
         except BrokerError as exc:
             self._gate = self._clock()
+            KEY_FETCHES.labels("failed").inc()
             log.warning("could not fetch the realm's signing keys (%s); keeping the %d in hand",
                         exc.error, len(self._keys or {}))
             return
         if not keys:
             self._gate = self._clock()
+            KEY_FETCHES.labels("unusable").inc()
             log.error("the realm's JWKS has no usable signature key; keeping the %d in hand", len(self._keys or {}))
             return
+        KEY_FETCHES.labels("ok").inc()
         self._keys = keys
         self._fetched_at = self._clock()
 

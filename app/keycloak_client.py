@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
@@ -27,7 +28,8 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.keycloak_errors import INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, translate
+from app.metrics import KEYCLOAK_LATENCY, keycloak_outcome
+from app.keycloak_errors import DISCOVERY, INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, translate
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ class KeycloakClient:
         return self._discovery
 
     def _fetch_discovery(self) -> dict[str, Any]:
-        response = self._send("discovery", "GET", self.discovery_url)
+        response = self._send(DISCOVERY, "GET", self.discovery_url)
         document = _json(response)
         required = ("issuer", "token_endpoint", "end_session_endpoint", "jwks_uri")
         if response.status_code != 200 or not isinstance(document, dict) or not all(
@@ -221,20 +223,30 @@ class KeycloakClient:
 
     def _send(self, operation: str, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One HTTP exchange with our timeouts; network failures become 503/504 BrokerErrors."""
+        started = time.perf_counter()
+        failure: str | None = None
+        status: int | None = None
         try:
-            return self.session.request(method, url, timeout=self._timeout, allow_redirects=False, **kwargs)
+            response = self.session.request(method, url, timeout=self._timeout, allow_redirects=False, **kwargs)
+            status = response.status_code
+            return response
         except (requests.ConnectTimeout, requests.ConnectionError) as exc:
+            failure = "unreachable"
             if isinstance(exc, requests.exceptions.SSLError):
                 log.error("TLS failure talking to Keycloak during %s: %s; check KEYCLOAK_CA_BUNDLE", operation, exc)
             else:
                 log.warning("Keycloak unreachable during %s: %s", operation, type(exc).__name__)
             raise UpstreamUnavailable() from None
         except requests.Timeout:
+            failure = "timeout"
             log.warning("Keycloak did not answer %s within %.1fs", operation, self.settings.read_timeout)
             raise UpstreamTimeout() from None
         except requests.RequestException as exc:
+            failure = "error"
             log.warning("Keycloak %s failed: %s", operation, type(exc).__name__)
             raise UpstreamError() from None
+        finally:
+            KEYCLOAK_LATENCY.labels(operation, keycloak_outcome(status, failure)).observe(time.perf_counter() - started)
 
 
 def _json(response: requests.Response) -> Any:

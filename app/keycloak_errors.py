@@ -27,6 +27,7 @@ REFRESH = "refresh"
 LOGOUT = "logout"
 INTROSPECT = "introspect"
 KEYS = "keys"
+DISCOVERY = "discovery"
 OPERATIONS = (LOGIN, REFRESH, LOGOUT, INTROSPECT)
 
 ANY = None  # matches any error_description

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 
 from app.keycloak_client import KeycloakClient, TokenSet
+from app.metrics import REFRESHES
 from app.request_body import read_body
 from app.schemas import login_request, logout_request, message_response, refresh_request, token_response
 
@@ -31,6 +32,7 @@ def login() -> Response:
 def refresh_token() -> Response:
     """Refresh grant: 200 with a new token object, 400 invalid_grant when the refresh token is refused."""
     data = refresh_request.load_or_raise(read_body())
+    REFRESHES.labels("upstream").inc()
     return _tokens("Token refreshed successfully", _keycloak().refresh(data["refresh_token"], data.get("scope")))
 
 

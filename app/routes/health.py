@@ -1,4 +1,4 @@
-"""GET /health (liveness, no upstream calls) and GET /ready (discovery document and signing keys in hand)."""
+"""Service endpoints: GET /health (liveness), GET /ready (discovery and signing keys in hand), GET /metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from flask import Blueprint, Response, current_app, jsonify
 
 from app.errors import BrokerError, UpstreamUnavailable
+from app.metrics import exposition
 
 bp = Blueprint("health", __name__)
 
@@ -35,3 +36,10 @@ def ready() -> Response:
     if not current_app.extensions["signing_keys"].ready():
         raise UpstreamUnavailable("The realm's signing keys are not available yet")
     return jsonify(status="ready")
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format, summed across gunicorn workers."""
+    body, content_type = exposition()
+    return Response(body, content_type=content_type)

@@ -8,6 +8,7 @@ from urllib.parse import quote
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from app.errors import AccessTokenRequired, InvalidToken
+from app.metrics import TOKEN_VALIDATIONS
 from app.schemas import me_response
 
 bp = Blueprint("tokens", __name__, url_prefix="/api/auth")
@@ -31,10 +32,15 @@ def bearer_token() -> str:
 def authenticated_claims() -> dict[str, Any]:
     """The claims of the caller's valid access token (and a live session, when the online check is on)."""
     token = bearer_token()
-    claims = current_app.extensions["access_tokens"].validate(token)
-    session_check = current_app.extensions.get("session_check")
-    if session_check is not None and not session_check.active(token):
-        raise InvalidToken("The session of this access token has ended")
+    try:
+        claims = current_app.extensions["access_tokens"].validate(token)
+        session_check = current_app.extensions.get("session_check")
+        if session_check is not None and not session_check.active(token):
+            raise InvalidToken("The session of this access token has ended")
+    except InvalidToken as exc:
+        TOKEN_VALIDATIONS.labels("expired" if exc.expired else "invalid").inc()
+        raise
+    TOKEN_VALIDATIONS.labels("valid").inc()
     return claims
 
 

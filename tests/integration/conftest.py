@@ -176,11 +176,17 @@ def broker_env(keycloak_server: KeycloakServer, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def broker_url(keycloak_server: KeycloakServer, tmp_path_factory) -> Iterator[str]:
+def broker_log(tmp_path_factory) -> Path:
+    """Where the session's broker (gunicorn) writes its stdout and stderr."""
+    return tmp_path_factory.mktemp("broker") / "gunicorn.log"
+
+
+@pytest.fixture(scope="session")
+def broker_url(keycloak_server: KeycloakServer, broker_log: Path) -> Iterator[str]:
     """The real broker under gunicorn (threaded workers), pointed at the test Keycloak."""
     if not _port_free(BROKER_PORT):
         pytest.fail(f"port {BROKER_PORT} is taken; set TEST_BROKER_PORT", pytrace=False)
-    log_path = tmp_path_factory.mktemp("broker") / "gunicorn.log"
+    log_path = broker_log
     env = broker_env(keycloak_server, BROKER_BIND=f"127.0.0.1:{BROKER_PORT}", BROKER_WORKERS="2", BROKER_THREADS="8")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -267,3 +268,33 @@ def test_a_scope_the_client_may_not_have_is_refused_on_refresh(broker):
 def test_logout_with_a_garbage_token_is_refused(broker, garbage):
     """Logout with a string that is no refresh token answers 400 invalid_grant."""
     assert outcome(broker.logout(garbage)) == (400, INVALID_REFRESH)
+
+
+def test_the_broker_log_is_json_and_holds_no_secret(broker, broker_log):
+    """Under gunicorn every log line is JSON, one access line per request, and marker secrets never appear."""
+    password, refresh_token, bearer_token = "pw-MARKER-1d2c", "rt-MARKER-3e4f", "at-MARKER-5a6b"
+    broker.post("/api/auth/login", json={"username": "alice", "password": password}, headers={"X-Request-ID": "rid-m1"})
+    broker.post("/api/auth/refresh-token?refresh_token=qs-MARKER-7c8d", data={"refresh_token": refresh_token},
+                headers={"Cookie": "session=ck-MARKER-9e0f"})
+    broker.http.get(broker.url + "/api/auth/verify", headers={"Authorization": f"Bearer {bearer_token}"}, timeout=10)
+    time.sleep(0.5)  # let the workers flush
+    text = broker_log.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert [line["status"] for line in lines if line.get("request_id") == "rid-m1"] == [401]
+    assert all(marker not in text for marker in ("MARKER-1d2c", "MARKER-3e4f", "MARKER-5a6b", "MARKER-7c8d",
+                                                   "MARKER-9e0f", "alice-password", "token-broker-local-secret"))
+
+
+def test_metrics_are_summed_across_workers(broker):
+    """/metrics under gunicorn with two workers adds up every worker's samples."""
+    def count() -> float:
+        text = broker.http.get(broker.url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith('broker_http_requests_total{method="GET",route="/health",status="200"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = count()
+    for _ in range(20):  # new connections, so both workers take some
+        assert requests.get(broker.url + "/health", timeout=10).status_code == 200
+    assert count() - before == 20

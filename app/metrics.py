@@ -1,0 +1,69 @@
+"""Prometheus instruments of the broker, and the /metrics exposition (multiprocess-safe under gunicorn).
+
+Under gunicorn, gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory before any worker
+starts, so every worker writes its samples there and /metrics adds them up across workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "broker_http_requests", "HTTP requests answered, by route template, method and status", ["route", "method", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "broker_http_request_duration_seconds", "Time to answer a request, by route template", ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+ERRORS = Counter("broker_errors", "Error responses, by the contract's error code", ["error"])
+KEYCLOAK_LATENCY = Histogram(
+    "broker_keycloak_request_duration_seconds",
+    "Time of each call to Keycloak, by operation (login, refresh, logout, introspect, keys, discovery) and outcome",
+    ["operation", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+REFRESHES = Counter(
+    "broker_refreshes", "Refresh requests by how they were served: upstream (a Keycloak grant) or coalesced", ["kind"]
+)
+KEY_FETCHES = Counter("broker_jwks_fetches", "Fetches of the realm's signing keys, by outcome", ["outcome"])
+TOKEN_VALIDATIONS = Counter(
+    "broker_token_validations", "Bearer tokens checked on /me and /verify, by outcome (valid, invalid, expired)",
+    ["outcome"],
+)
+
+
+def keycloak_outcome(status: int | None, failure: str | None = None) -> str:
+    """A low-cardinality outcome label for a Keycloak call: ok, refused, error, unreachable or timeout."""
+    if failure is not None:
+        return failure
+    if status is None or status >= 500:
+        return "error"
+    return "ok" if status < 400 else "refused"
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics in Prometheus text format, summed across gunicorn workers when running under gunicorn."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def observe_request(response: Response) -> None:
+    """Count and time the request that `response` answers (called from the app's after_request)."""
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+    started = g.get("started")
+    if started is not None:
+        HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+    error = g.get("error_code")
+    if error:
+        ERRORS.labels(error).inc()
