@@ -13,13 +13,13 @@ from flask import Flask, Response, g, request
 from app.access_tokens import AccessTokenValidator, SessionCheck, SigningKeys, TokenPolicy
 from app.config import Settings
 from app.errors import register_error_handlers
-from app.keycloak_client import KeycloakClient
+from app.keycloak_client import KeycloakClient, build_session
 from app.logs import log_request, start_request
 from app.metrics import observe_request
 from app.request_body import check_body_size
 from app.routes import auth, health, tokens
 
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 def _version() -> str:
@@ -56,10 +56,10 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
         BROKER_SETTINGS=settings,
         BROKER_VERSION=_version(),
         BROKER_STARTED=time.monotonic(),
-        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes + 1,  # see request_body.read_body
     )
     app.json.sort_keys = False
-    keycloak = keycloak or KeycloakClient(settings)
+    keycloak = keycloak or KeycloakClient(settings, build_session(settings, pool_size=max(10, settings.threads)))
     app.extensions["keycloak"] = keycloak
     app.extensions["signing_keys"] = keys = SigningKeys(
         keycloak.jwks,
@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
     def _start_request() -> None:
         start_request()
         incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if _SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id = incoming if _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         check_body_size()
 
     @app.after_request

@@ -13,18 +13,23 @@ JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 
 
+def body_limit() -> int:
+    """The largest body accepted, in bytes (BROKER_MAX_BODY_BYTES)."""
+    return current_app.config["BROKER_SETTINGS"].max_body_bytes
+
+
 def check_body_size() -> None:
     """Refuse a declared body over the limit before anything reads it (413)."""
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is not None and request.content_length > limit:
+    if request.content_length is not None and request.content_length > body_limit():
         raise PayloadTooLarge()
 
 
 def read_body() -> dict[str, Any]:
     """The body as a dict: JSON object or form fields; empty body → {}; raise 400/413/415 otherwise."""
+    # MAX_CONTENT_LENGTH is one byte over the limit, so a chunked body (no Content-Length) that werkzeug
+    # stops reading there is known to be too large.
     raw = request.get_data(cache=True)
-    if request.content_length is None and len(raw) >= current_app.config["MAX_CONTENT_LENGTH"]:
-        # A chunked body: werkzeug stops reading at the limit without saying whether more was coming.
+    if len(raw) > body_limit():
         raise PayloadTooLarge()
     mimetype = request.mimetype
     if not raw:

@@ -46,10 +46,11 @@ class _RequestSchema(Schema):
         except ValidationError as exc:
             messages = exc.normalized_messages()
             field = next(name for name in self.fields if name in messages)
+            message = str(messages[field][0])
             error_class = self.field_errors.get(field)
-            if error_class is not None:
+            if error_class is not None and " must be at most " not in message:
                 raise error_class() from None
-            raise InvalidRequest(str(messages[field][0])) from None
+            raise InvalidRequest(message) from None
 
 
 class LoginRequest(_RequestSchema):

@@ -14,8 +14,12 @@ if [[ -z "${KEYCLOAK_CLIENT_SECRET:-}" && -z "${KEYCLOAK_CLIENT_SECRET_FILE:-}" 
 fi
 export BROKER_BIND="${BROKER_BIND:-127.0.0.1:8000}"
 
-scripts/keycloak.sh start
-trap 'scripts/keycloak.sh stop' EXIT
+if scripts/keycloak.sh status; then
+  echo "run-local.sh: a Keycloak is already running on $KEYCLOAK_URL; using it (and leaving it running)" >&2
+else
+  scripts/keycloak.sh start
+  trap 'scripts/keycloak.sh stop' EXIT
+fi
 
 B="http://$BROKER_BIND"
 cat <<MSG

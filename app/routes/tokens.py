@@ -87,6 +87,7 @@ def verify() -> Response:
     """204 with X-Auth-* identity headers for a valid access token; 401 in the fixed shape otherwise."""
     who = identity(authenticated_claims())
     response = Response(status=204)
+    del response.headers["Content-Type"]
     response.headers["X-Auth-Subject"] = _header_value(who["sub"])
     response.headers["X-Auth-Username"] = _header_value(who["username"])
     response.headers["X-Auth-Email"] = _header_value(who["email"])

@@ -135,3 +135,13 @@ def test_wrong_methods_are_405_with_allow(client, method, path):
         {"error": "method_not_allowed", "message": "This method is not allowed on this route"},
     )
     assert response.headers["Allow"]
+
+
+def test_a_body_exactly_at_the_limit_is_read(client, keycloak):
+    """A body of exactly BROKER_MAX_BODY_BYTES is accepted (the limit is inclusive)."""
+    keycloak.issues_tokens()
+    prefix, suffix = b'{"refresh_token": "', b'"}'
+    body = prefix + b"x" * (16384 - len(prefix) - len(suffix)) + suffix
+    assert len(body) == 16384
+    response = client.post("/api/auth/refresh-token", data=body, content_type="application/json")
+    assert (response.status_code, body_of(response)) == (400, invalid("refresh_token must be at most 8192 characters"))
