@@ -17,6 +17,7 @@ from app.keycloak_client import KeycloakClient, build_session
 from app.logs import log_request, start_request
 from app.metrics import observe_request
 from app.request_body import check_body_size
+from app import openapi
 from app.routes import auth, health, tokens
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -74,6 +75,8 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
     app.register_blueprint(auth.bp)
     app.register_blueprint(tokens.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)
+    app.extensions["openapi"] = openapi.build_spec(app.config["BROKER_VERSION"])
     register_error_handlers(app)
 
     @app.before_request

@@ -19,6 +19,7 @@ def _text(name: str, *, required: bool, max_length: int) -> fields.String:
     return fields.String(
         required=required,
         allow_none=False,
+        metadata={"pattern": r"\S"},  # documents "not blank" in the OpenAPI document
         validate=[
             not_blank,
             validate.Length(max=max_length, error=f"{name} must be at most {max_length} characters"),
@@ -112,8 +113,22 @@ class MeResponse(Schema):
 
 
 class ErrorResponse(Schema):
+    """The fixed error shape: exactly these two keys."""
+
     error = fields.String(required=True)
     message = fields.String(required=True)
+
+
+class HealthResponse(Schema):
+    status = fields.String(required=True)
+    service = fields.String(required=True)
+    version = fields.String(required=True)
+    uptime = fields.Float(required=True)
+    timestamp = fields.String(required=True)
+
+
+class ReadyResponse(Schema):
+    status = fields.String(required=True)
 
 
 login_request = LoginRequest()
