@@ -26,15 +26,30 @@ def health() -> Response:
     )
 
 
+READY_VERDICT_SECONDS = 2.0
+
+
 @bp.get("/ready")
 def ready() -> Response:
-    """200 once the discovery document and the realm's signing keys are in hand; 503 otherwise."""
+    """200 once the discovery document and the realm's signing keys are in hand; 503 otherwise.
+
+    A negative verdict is kept for READY_VERDICT_SECONDS, so frequent probes of a broker whose Keycloak
+    is down cost Keycloak at most one discovery attempt per that interval and worker.
+    """
+    verdicts = current_app.extensions.setdefault("ready_verdict", {})
+    now = time.monotonic()
+    if verdicts.get("until", 0.0) > now:
+        raise UpstreamUnavailable(verdicts["message"])
+    message = None
     try:
         current_app.extensions["keycloak"].discovery()
     except BrokerError:
-        raise UpstreamUnavailable("Keycloak's discovery document is not available yet") from None
-    if not current_app.extensions["signing_keys"].ready():
-        raise UpstreamUnavailable("The realm's signing keys are not available yet")
+        message = "Keycloak's discovery document is not available yet"
+    if message is None and not current_app.extensions["signing_keys"].ready():
+        message = "The realm's signing keys are not available yet"
+    if message is not None:
+        verdicts.update(until=now + READY_VERDICT_SECONDS, message=message)
+        raise UpstreamUnavailable(message)
     return jsonify(status="ready")
 
 

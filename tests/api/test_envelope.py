@@ -84,3 +84,11 @@ def test_ready_is_200_once_discovery_and_keys_are_in_hand(client, keycloak):
     """Readiness is 200 when the discovery document and the signing keys were fetched."""
     response = client.get("/ready")
     assert (response.status_code, body_of(response)) == (200, {"status": "ready"})
+
+
+def test_frequent_readiness_probes_do_not_hammer_keycloak(client, keycloak):
+    """While Keycloak is down, ten probes in a row cost it one discovery attempt (the verdict is kept briefly)."""
+    keycloak.is_down()
+    statuses = [client.get("/ready").status_code for _ in range(10)]
+    assert statuses == [503] * 10
+    assert len(keycloak.mock.calls) == 1
