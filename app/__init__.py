@@ -17,9 +17,15 @@ from app.keycloak_client import KeycloakClient, build_session
 from app.logs import log_request, start_request
 from app.metrics import observe_request
 from app.request_body import check_body_size
-from app import openapi
+from app.sessions import RedisOutcomes, RefreshCoalescer, UncoalescedRefresh
+import redis
+from flask_cors import CORS
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app import openapi, rate_limits
 from app.routes import auth, health, tokens
 
+log = logging.getLogger(__name__)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
@@ -49,6 +55,18 @@ def _token_policy(settings: Settings, keycloak: KeycloakClient):
     return policy
 
 
+def _refresher(settings: Settings, keycloak: KeycloakClient) -> RefreshCoalescer | UncoalescedRefresh:
+    """Refresh coalescing (in-process, plus Redis across processes when REDIS_URL is set), unless switched off."""
+    if not settings.refresh_coalescing:
+        return UncoalescedRefresh(keycloak.refresh)
+    shared = None
+    if settings.redis_url:
+        # The lease outlives the slowest Keycloak call the broker allows.
+        lease = settings.connect_timeout + settings.read_timeout + 2.0
+        shared = RedisOutcomes(redis.Redis.from_url(settings.redis_url, socket_timeout=2.0), lease=lease)
+    return RefreshCoalescer(keycloak.refresh, grace=settings.refresh_grace_seconds, shared=shared)
+
+
 def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None = None) -> Flask:
     """Build a broker app from `settings` (default: the environment); raise ConfigError when they are bad."""
     settings = settings or Settings.from_env()
@@ -70,6 +88,7 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
     app.extensions["access_tokens"] = AccessTokenValidator(keys, _token_policy(settings, keycloak))
     if settings.introspection:
         app.extensions["session_check"] = SessionCheck(keycloak.introspect, ttl=settings.introspection_cache_seconds)
+    app.extensions["refresher"] = _refresher(settings, keycloak)
     logging.getLogger("app").setLevel(settings.log_level)
 
     app.register_blueprint(auth.bp)
@@ -78,6 +97,21 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
     app.register_blueprint(openapi.bp)
     app.extensions["openapi"] = openapi.build_spec(app.config["BROKER_VERSION"])
     register_error_handlers(app)
+    rate_limits.install(app, settings)
+    if settings.cors_origins:
+        CORS(
+            app,
+            resources={r"/api/*": {"origins": sorted(settings.cors_origins)}},
+            supports_credentials=True,  # only ever for the listed origins: "*" is refused by the settings
+            allow_headers=["Content-Type", "Authorization", "X-Request-ID", settings.csrf_header],
+            expose_headers=["X-Request-ID", "X-Token-Expired", "Retry-After", "WWW-Authenticate"],
+            max_age=600,
+        )
+    if settings.trusted_proxy_hops:
+        # The client address comes from X-Forwarded-For only through the configured number of proxies.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)
+    if settings.token_transport == "cookie" and not settings.cookie_secure:
+        log.warning("BROKER_COOKIE_SECURE=false: the refresh cookie is sent over plain HTTP; local runs only")
 
     @app.before_request
     def _start_request() -> None:

@@ -41,6 +41,19 @@ class Settings:
     jwks_max_age_seconds: float = 600.0
     introspection: bool = False
     introspection_cache_seconds: float = 10.0
+    redis_url: str | None = None
+    refresh_coalescing: bool = True
+    refresh_grace_seconds: float = 5.0
+    token_transport: str = "body"
+    cookie_name: str = "__Secure-refresh_token"
+    cookie_secure: bool = True
+    csrf_header: str = "X-Requested-With"
+    cors_origins: frozenset[str] = frozenset()
+    rate_limits_enabled: bool = True
+    rate_limit_login: str = "10 per minute"
+    rate_limit_login_ip: str = "60 per minute"
+    rate_limit_refresh: str = "120 per minute"
+    trusted_proxy_hops: int = 0
     bind: str = "127.0.0.1:8000"
     workers: int = 2
     threads: int = 8
@@ -87,11 +100,29 @@ class Settings:
             jwks_max_age_seconds=reader.get("BROKER_JWKS_MAX_AGE_SECONDS", 600.0, _int_between(10, 86400)),
             introspection=reader.get("BROKER_TOKEN_INTROSPECTION", False, _bool),
             introspection_cache_seconds=reader.get("BROKER_INTROSPECTION_CACHE_SECONDS", 10.0, _positive_float),
+            redis_url=reader.get("REDIS_URL", None, _redis_url),
+            refresh_coalescing=reader.get("BROKER_REFRESH_COALESCING", True, _bool),
+            refresh_grace_seconds=reader.get("BROKER_REFRESH_GRACE_SECONDS", 5.0, _positive_float),
+            token_transport=reader.get("BROKER_TOKEN_TRANSPORT", "body", _one_of("body", "cookie")),
+            cookie_name=reader.get("BROKER_COOKIE_NAME", "__Secure-refresh_token", _cookie_name),
+            cookie_secure=reader.get("BROKER_COOKIE_SECURE", True, _bool),
+            csrf_header=reader.get("BROKER_CSRF_HEADER", "X-Requested-With", _header_name),
+            cors_origins=reader.get("BROKER_CORS_ORIGINS", frozenset(), _origins),
+            rate_limits_enabled=reader.get("BROKER_RATE_LIMITS_ENABLED", True, _bool),
+            rate_limit_login=reader.get("BROKER_RATE_LIMIT_LOGIN", "10 per minute", _rate_limit),
+            rate_limit_login_ip=reader.get("BROKER_RATE_LIMIT_LOGIN_IP", "60 per minute", _rate_limit),
+            rate_limit_refresh=reader.get("BROKER_RATE_LIMIT_REFRESH", "120 per minute", _rate_limit),
+            trusted_proxy_hops=reader.get("BROKER_TRUSTED_PROXY_HOPS", 0, _int_between(0, 10)),
             bind=reader.get("BROKER_BIND", "127.0.0.1:8000", _bind),
             workers=reader.get("BROKER_WORKERS", 2, _int_between(1, 64)),
             threads=reader.get("BROKER_THREADS", 8, _int_between(1, 256)),
             worker_timeout=reader.get("BROKER_WORKER_TIMEOUT", 30, _int_between(5, 600)),
         )
+        if not settings.cookie_secure and settings.cookie_name.startswith(("__Secure-", "__Host-")):
+            reader.problems.append(
+                "BROKER_COOKIE_NAME: a __Secure- or __Host- cookie needs BROKER_COOKIE_SECURE=true "
+                "(browsers drop such cookies without Secure); pick another name for plain-HTTP local runs"
+            )
         if reader.problems:
             raise ConfigError(reader.problems)
         return settings
@@ -147,6 +178,57 @@ def _url(raw: str) -> str:
 def _name(raw: str) -> str:
     if "/" in raw or any(c.isspace() for c in raw):
         raise ValueError(f"must not contain '/' or spaces, got {raw!r}")
+    return raw
+
+
+def _redis_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return raw.lower()
+
+    return convert
+
+
+def _cookie_name(raw: str) -> str:
+    if not all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in raw):
+        raise ValueError(f"must be a cookie name (letters, digits and !#$%&'*+-.^_`|~), got {raw!r}")
+    if raw.startswith("__Host-"):
+        raise ValueError("__Host- cookies must have Path=/, but the refresh cookie is scoped to /api/auth")
+    return raw
+
+
+def _header_name(raw: str) -> str:
+    if not all(c.isalnum() or c == "-" for c in raw):
+        raise ValueError(f"must be an HTTP header name, got {raw!r}")
+    return raw
+
+
+def _origins(raw: str) -> frozenset[str]:
+    origins = set()
+    for origin in (o.strip() for o in raw.split(",") if o.strip()):
+        parts = urlsplit(origin)
+        if origin == "*":
+            raise ValueError("'*' is not allowed: list the frontends' origins (credentials need explicit origins)")
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        origins.add(origin)
+    return frozenset(origins)
+
+
+def _rate_limit(raw: str) -> str:
+    from limits import parse_many
+
+    try:
+        parse_many(raw)
+    except ValueError:
+        raise ValueError(f"must be a rate limit such as '10 per minute' or '5/second', got {raw!r}") from None
     return raw
 
 

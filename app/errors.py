@@ -8,10 +8,12 @@
     ├── LoginRejected                  401   invalid_grant            (Keycloak refused a password login)
     ├── AccessTokenRequired            401   access_token_required    (+ WWW-Authenticate)
     ├── InvalidToken                   401   invalid_token            (+ WWW-Authenticate, X-Token-Expired)
+    ├── CsrfFailed                     403   csrf_failed              (cookie mode)
     ├── NotFound                       404   not_found
     ├── MethodNotAllowed               405   method_not_allowed
     ├── PayloadTooLarge                413   payload_too_large
     ├── UnsupportedMediaType           415   unsupported_media_type
+    ├── RateLimited                    429   rate_limited             (+ Retry-After)
     ├── InternalError                  500   internal_error
     ├── ClientRejected                 502   unauthorized_client | invalid_client
     ├── UpstreamError                  502   upstream_error
@@ -114,6 +116,12 @@ class InvalidToken(BrokerError):
         self.expired = expired
 
 
+class CsrfFailed(BrokerError):
+    status = 403
+    error = "csrf_failed"
+    message = "This request needs the CSRF header and an allowed origin"
+
+
 class NotFound(BrokerError):
     status, error, message = 404, "not_found", "No such route"
 
@@ -130,6 +138,10 @@ class UnsupportedMediaType(BrokerError):
     status = 415
     error = "unsupported_media_type"
     message = "Send the body as application/json or application/x-www-form-urlencoded"
+
+
+class RateLimited(BrokerError):
+    status, error, message = 429, "rate_limited", "Too many attempts; try again later"
 
 
 class InternalError(BrokerError):
@@ -160,6 +172,7 @@ _HTTP_ERRORS: dict[int, type[BrokerError]] = {
     405: MethodNotAllowed,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
+    429: RateLimited,
 }
 
 
@@ -184,7 +197,7 @@ def error_response(error: BrokerError) -> Response:
     response.status_code = error.status
     for name, value in error.headers.items():
         response.headers[name] = value
-    if isinstance(error, UpstreamUnavailable):
+    if error.status == 503:
         response.headers.setdefault("Retry-After", str(current_app.config["BROKER_SETTINGS"].upstream_retry_after))
     return response
 

@@ -33,6 +33,7 @@ REFRESHES = Counter(
     "broker_refreshes", "Refresh requests by how they were served: upstream (a Keycloak grant) or coalesced", ["kind"]
 )
 KEY_FETCHES = Counter("broker_jwks_fetches", "Fetches of the realm's signing keys, by outcome", ["outcome"])
+RATE_LIMITED = Counter("broker_rate_limited", "Requests refused by a rate limit, by endpoint", ["endpoint"])
 TOKEN_VALIDATIONS = Counter(
     "broker_token_validations", "Bearer tokens checked on /me and /verify, by outcome (valid, invalid, expired)",
     ["outcome"],

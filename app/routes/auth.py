@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify
 
+from app.cookies import clear_refresh_cookie, cookie_mode, refresh_token_from, require_csrf_proof, set_refresh_cookie
+from app.errors import BrokerError, error_response
 from app.keycloak_client import KeycloakClient, TokenSet
-from app.metrics import REFRESHES
 from app.request_body import read_body
 from app.schemas import login_request, logout_request, message_response, refresh_request, token_response
 
@@ -17,12 +18,29 @@ def _keycloak() -> KeycloakClient:
 
 
 def _tokens(message: str, tokens: TokenSet) -> Response:
-    return jsonify(token_response.dump({"message": message, "token": tokens}))
+    """The token response; in cookie mode the refresh token goes into the cookie instead of the JSON."""
+    body = token_response.dump({"message": message, "token": tokens})
+    if not cookie_mode():
+        return jsonify(body)
+    body["token"].pop("refresh_token", None)
+    response = jsonify(body)
+    set_refresh_cookie(response, tokens)
+    return response
+
+
+def _refused_clearing_cookie(error: BrokerError) -> Response:
+    """The error answer for a dead refresh token from the cookie, which also drops the cookie."""
+    g.error_code = error.error
+    response = error_response(error)
+    clear_refresh_cookie(response)
+    return response
 
 
 @bp.post("/login")
 def login() -> Response:
     """Password login: 200 with the token object, 401 invalid_grant when Keycloak refuses the user."""
+    if cookie_mode():
+        require_csrf_proof()  # login CSRF: a cross-site form must not plant someone else's session cookie
     data = login_request.load_or_raise(read_body())
     scope = data.get("scope") or current_app.config["BROKER_SETTINGS"].login_scope
     return _tokens("Login successful", _keycloak().login(data["username"], data["password"], scope))
@@ -30,15 +48,34 @@ def login() -> Response:
 
 @bp.post("/refresh-token")
 def refresh_token() -> Response:
-    """Refresh grant: 200 with a new token object, 400 invalid_grant when the refresh token is refused."""
-    data = refresh_request.load_or_raise(read_body())
-    REFRESHES.labels("upstream").inc()
-    return _tokens("Token refreshed successfully", _keycloak().refresh(data["refresh_token"], data.get("scope")))
+    """Refresh grant (coalesced): 200 with a new token object, 400 invalid_grant when the token is refused."""
+    body, from_cookie = refresh_token_from(read_body())
+    if from_cookie:
+        require_csrf_proof()
+    data = refresh_request.load_or_raise(body)
+    try:
+        tokens = current_app.extensions["refresher"].refresh(data["refresh_token"], data.get("scope"))
+    except BrokerError as exc:
+        if from_cookie and exc.error == "invalid_grant":
+            return _refused_clearing_cookie(exc)
+        raise
+    return _tokens("Token refreshed successfully", tokens)
 
 
 @bp.post("/logout")
 def logout() -> Response:
     """End the Keycloak session of the refresh token; 200 also when it had already ended."""
-    data = logout_request.load_or_raise(read_body())
-    _keycloak().logout(data["refresh_token"])
-    return jsonify(message_response.dump({"message": "Logged out successfully"}))
+    body, from_cookie = refresh_token_from(read_body())
+    if from_cookie:
+        require_csrf_proof()
+    data = logout_request.load_or_raise(body)
+    try:
+        _keycloak().logout(data["refresh_token"])
+    except BrokerError as exc:
+        if from_cookie and exc.error == "invalid_grant":
+            return _refused_clearing_cookie(exc)
+        raise
+    response = jsonify(message_response.dump({"message": "Logged out successfully"}))
+    if cookie_mode():
+        clear_refresh_cookie(response)
+    return response

@@ -138,7 +138,7 @@ def test_discovery_unreachable_is_503_and_retried_on_the_next_request(client, ke
     )
     keycloak.mock.reset()
     KeycloakStub(keycloak.mock).issues_tokens()
-    assert post(client, REFRESH).status_code == 200
+    assert client.post("/api/auth/refresh-token", json={"refresh_token": "another-token"}).status_code == 200
 
 
 def test_timeout_is_504(client, keycloak):

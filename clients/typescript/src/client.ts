@@ -31,7 +31,7 @@ export interface AuthClientOptions {
   storage?: TokenStorage;
   /** Refresh shortly before the access token expires, so most requests never see a 401. Default true. */
   proactiveRefresh?: boolean;
-  /** How long before expiry to refresh (capped at a quarter of the token's lifetime). Default 30 000 ms. */
+  /** How long before expiry to refresh (capped at a third of the token's lifetime). Default 30 000 ms. */
   refreshLeadMs?: number;
   /** A random extra lead so tabs and users do not refresh in lockstep (capped at a tenth of the lifetime). Default 10 000 ms. */
   refreshJitterMs?: number;
@@ -373,7 +373,7 @@ export class AuthClient {
     this.setTimer(undefined);
     if (!tokens || !this.proactive || this.closed || tokens.expiresAt === undefined || !this.canRefresh(tokens)) return;
     const lifetime = Math.max(0, tokens.expiresAt - tokens.receivedAt);
-    const lead = Math.min(this.leadMs, lifetime / 4) + Math.random() * Math.min(this.jitterMs, lifetime / 10);
+    const lead = Math.min(this.leadMs, lifetime / 3) + Math.random() * Math.min(this.jitterMs, lifetime / 10);
     this.setTimer(tokens.expiresAt - lead - Date.now(), () => this.refreshAhead(tokens, attempt));
   }
 

@@ -1,0 +1,66 @@
+"""Cookie transport mode: the refresh token travels in an HttpOnly cookie and never reaches JavaScript.
+
+Opt-in with BROKER_TOKEN_TRANSPORT=cookie. Login and refresh set the cookie (HttpOnly, Secure,
+SameSite=Strict, Path=/api/auth, Max-Age from refresh_expires_in) and leave refresh_token out of the JSON;
+refresh and logout read it from the cookie when the body has none; logout clears it. Every request in
+cookie mode that sets or uses the cookie must carry the CSRF proof: the configured header (which a
+cross-site form cannot send) and, when the browser sends an Origin, an allowed origin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Response, current_app, request
+
+from app.config import Settings
+from app.errors import CsrfFailed
+from app.keycloak_client import TokenSet
+
+COOKIE_PATH = "/api/auth"
+
+
+def _settings() -> Settings:
+    return current_app.config["BROKER_SETTINGS"]
+
+
+def cookie_mode() -> bool:
+    """True when the refresh token travels in a cookie."""
+    return _settings().token_transport == "cookie"
+
+
+def require_csrf_proof() -> None:
+    """Raise CsrfFailed unless the request carries the CSRF header and, if it names one, an allowed Origin."""
+    settings = _settings()
+    if not request.headers.get(settings.csrf_header, "").strip():
+        raise CsrfFailed()
+    origin = request.headers.get("Origin")
+    if origin is not None and origin not in settings.cors_origins and urlsplit(origin).netloc != request.host:
+        raise CsrfFailed()
+
+
+def refresh_token_from(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The body, with refresh_token taken from the cookie when the body has none; and whether it came from there."""
+    if not cookie_mode() or data.get("refresh_token") not in (None, ""):
+        return data, False
+    cookie = request.cookies.get(_settings().cookie_name, "")
+    if not cookie.strip():
+        return data, False
+    return {**data, "refresh_token": cookie}, True
+
+
+def set_refresh_cookie(response: Response, tokens: TokenSet) -> None:
+    """Put the refresh token into the cookie, for as long as Keycloak says it lives."""
+    settings = _settings()
+    response.set_cookie(
+        settings.cookie_name, tokens.refresh_token or "", max_age=tokens.refresh_expires_in, path=COOKIE_PATH,
+        secure=settings.cookie_secure, httponly=True, samesite="Strict",
+    )
+
+
+def clear_refresh_cookie(response: Response) -> None:
+    """Expire the cookie in the browser."""
+    settings = _settings()
+    response.delete_cookie(settings.cookie_name, path=COOKIE_PATH, secure=settings.cookie_secure, httponly=True,
+                           samesite="Strict")

@@ -1,0 +1,70 @@
+"""Rate limits (flask-limiter): login per client address and username, login and refresh per client address.
+
+Limits come from BROKER_RATE_LIMIT_*; counters live in memory (per worker) or, with REDIS_URL, in Redis
+(shared by every worker and instance). The per-username login limit counts only refused logins (401), so
+a user who types the password right is never slowed down by it. When the counter store fails, requests
+are let through and the failure is logged: an outage of Redis must not lock everybody out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+from flask import Flask, Response, g, request
+from flask_limiter import Limiter, RequestLimit
+
+from app.config import Settings
+from app.errors import BrokerError, RateLimited, error_response
+from app.metrics import RATE_LIMITED
+from app.request_body import read_body
+
+
+def client_address() -> str:
+    """The client's address (X-Forwarded-For is trusted only through BROKER_TRUSTED_PROXY_HOPS, see create_app)."""
+    return request.remote_addr or "unknown"
+
+
+def login_user_key() -> str:
+    """Client address plus a hash of the username the login names (the username itself is never stored)."""
+    try:
+        username = read_body().get("username")
+    except BrokerError:
+        username = None
+    name = username.strip().lower() if isinstance(username, str) else ""
+    return f"{client_address()}|{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+
+
+def _refuse(limit: RequestLimit) -> Response:
+    """The 429 in the fixed shape, with Retry-After until the limit's window resets."""
+    RATE_LIMITED.labels(request.endpoint or "unknown").inc()
+    error = RateLimited(headers={"Retry-After": str(max(1, math.ceil(limit.reset_at - time.time())))})
+    g.error_code = error.error
+    return error_response(error)
+
+
+def install(app: Flask, settings: Settings) -> Limiter:
+    """Attach the limiter and the limits to the app's login and refresh views."""
+    limiter = Limiter(
+        key_func=client_address,
+        app=app,
+        storage_uri=settings.redis_url or "memory://",
+        key_prefix="token-broker",
+        strategy="fixed-window",
+        enabled=settings.rate_limits_enabled,
+        swallow_errors=True,
+        headers_enabled=False,
+        on_breach=_refuse,
+    )
+    views = app.view_functions
+    views["auth.login"] = limiter.limit(settings.rate_limit_login_ip, key_func=client_address)(views["auth.login"])
+    views["auth.login"] = limiter.limit(
+        settings.rate_limit_login, key_func=login_user_key, deduct_when=lambda response: response.status_code == 401,
+        scope="login-user",
+    )(views["auth.login"])
+    views["auth.refresh_token"] = limiter.limit(settings.rate_limit_refresh, key_func=client_address)(
+        views["auth.refresh_token"]
+    )
+    app.extensions["rate_limiter"] = limiter
+    return limiter
