@@ -212,6 +212,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
+        if exc.code == 429 and exc.response is not None:
+            return exc.response  # the rate limiter's own 429, already in the fixed shape with Retry-After
         return _broker_error(_from_http_exception(exc))
 
     @app.errorhandler(Exception)

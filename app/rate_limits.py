@@ -55,7 +55,7 @@ def install(app: Flask, settings: Settings) -> Limiter:
         enabled=settings.rate_limits_enabled,
         swallow_errors=True,
         headers_enabled=False,
-        on_breach=_refuse,
+        on_breach=_refuse,  # its response travels on flask-limiter's RateLimitExceeded (see errors.py)
     )
     views = app.view_functions
     views["auth.login"] = limiter.limit(settings.rate_limit_login_ip, key_func=client_address)(views["auth.login"])

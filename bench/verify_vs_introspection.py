@@ -9,8 +9,10 @@ ratios. It is a benchmark, not a test: it asserts nothing about speed, it report
 Usage (after `make install`, from anywhere):
 
     .venv/bin/python bench/verify_vs_introspection.py [--concurrency 16] [--duration 10] [--warmup 5]
-        [--workers N] [--threads N] [--procs N] [--client raw|http.client]
-        [--order broker-first|keycloak-first] [--max-requests N] [--json]
+        [--rounds 1] [--order broker-first|keycloak-first] [--workers N] [--threads N]
+        [--procs N] [--client raw|http.client] [--max-requests N] [--json]
+
+It takes about a minute to start Keycloak, then 2 x (warm-up + duration) per round.
 
 What it does, step by step:
 
@@ -31,10 +33,13 @@ What it does, step by step:
    (b) POST /realms/demo/protocol/openid-connect/token/introspect with the form
        client_id, client_secret, token; success = 200 with "active":true in the body.
    Anything else (other status, inactive answer, connection error, timeout) is counted as an error, by kind.
-   Each target is also bounded to `--max-requests` measured requests.
+   Each phase is also bounded to `--max-requests` measured requests. With `--rounds N` (at most 5) both
+   targets are measured N times, the order alternating (A B, B A, ...), later rounds with a 1 s warm-up;
+   this spreads drifting background load over both targets.
 4. Prints a table (requests, req/s, p50/p90/p99 ms, errors, CPU time per request of the server's process
-   group, of the load generator, and how busy the whole machine was), the ratios broker/Keycloak, the
-   parameters and the machine. `--json` prints the same as one JSON document on stdout instead.
+   group and of the load generator, the server's CPU cores, and the cores everything else on the machine
+   used meanwhile), the ratios broker/Keycloak, the parameters and the machine; with several rounds, per
+   round and pooled. `--json` prints the same as one JSON document on stdout instead.
 
 Everything listens on and targets 127.0.0.1 only. Progress goes to stderr.
 
@@ -81,6 +86,8 @@ MAX_CONCURRENCY = 256
 MAX_REQUESTS = 2_000_000
 REQUEST_TIMEOUT = 10.0  # seconds, per request of the load generator
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+LATER_WARMUP = 1.0  # seconds of warm-up in rounds after the first (connections only; the JIT is warm)
+NAMES = {"broker": "broker GET /verify", "keycloak": "keycloak POST introspect"}
 
 
 def log(message: str) -> None:
@@ -343,7 +350,8 @@ def percentile(sorted_values: list[int], q: float) -> float:
     return sorted_values[rank - 1] / 1e6
 
 
-def measure(target: dict[str, Any], args: argparse.Namespace, server_pgid: int) -> dict[str, Any]:
+def measure(target: dict[str, Any], args: argparse.Namespace, server_pgid: int, warmup: float) -> dict[str, Any]:
+    """One phase: warm up, then measure; the raw figures of the window (see `summarize`)."""
     ctx = mp.get_context("spawn")
     procs = min(args.procs, args.concurrency)
     per_proc = [args.concurrency // procs + (1 if i < args.concurrency % procs else 0) for i in range(procs)]
@@ -365,12 +373,12 @@ def measure(target: dict[str, Any], args: argparse.Namespace, server_pgid: int) 
         for _ in processes:
             ready_queue.get(timeout=60)
         begin = time.monotonic() + 0.2
-        measure_start = begin + args.warmup
+        measure_start = begin + warmup
         start_at.value = begin
         measure_ns.value = int(measure_start * 1e9)
         end_ns.value = int((measure_start + args.duration) * 1e9)
         go.set()
-        log(f"{target['name']}: {args.warmup:g} s warm-up, then {args.duration:g} s measured "
+        log(f"{target['name']}: {warmup:g} s warm-up, then {args.duration:g} s measured "
             f"({args.concurrency} connections in {procs} processes)")
         time.sleep(max(0.0, measure_start - time.monotonic()))
         pids = [p.pid for p in processes]
@@ -386,46 +394,83 @@ def measure(target: dict[str, Any], args: argparse.Namespace, server_pgid: int) 
                 process.terminate()
                 process.join(timeout=5)
 
-    latencies: list[int] = []
+    latencies = array.array("q")
     errors: dict[str, int] = {}
     warm = warm_errors = last_done = 0
     for result in results:
-        values = array.array("q")
-        values.frombytes(result["latencies"])
-        latencies.extend(values)
+        latencies.frombytes(result["latencies"])
         for key, count in result["errors"].items():
             errors[key] = errors.get(key, 0) + count
         warm += result["warm"]
         warm_errors += result["warm_errors"]
         last_done = max(last_done, result["last_done"])
-    latencies.sort()
-    ok, failed = len(latencies), sum(errors.values())
-    elapsed = max(args.duration, (last_done / 1e9 - measure_start) if last_done else 0.0)
     (server0, gen0, (total0, idle0, steal0), t0), (server1, gen1, (total1, idle1, steal1), t1) = cpu0, cpu1
-    window = t1 - t0
     ticks = max(1, total1 - total0)
-    done = max(1, ok + failed)
+    window = t1 - t0
     return {
-        "target": target["name"],
+        "latencies": latencies,
+        "errors": errors,
+        "warm": warm,
+        "warm_errors": warm_errors,
+        # the window runs from the first measured request's start to the last measured answer
+        "seconds": max(args.duration, (last_done / 1e9 - measure_start) if last_done else 0.0),
+        "cpu_window": window,
+        "server_cpu": server1 - server0,
+        "generator_cpu": gen1 - gen0,
+        "busy_cpu": window * (os.cpu_count() or 1) * (1 - (idle1 - idle0) / ticks),
+        "steal_cpu": window * (os.cpu_count() or 1) * (steal1 - steal0) / ticks,
+    }
+
+
+def summarize(name: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of one target over one or more measured phases (pooled: counts add up, percentiles of all)."""
+    latencies = sorted(v for part in parts for v in part["latencies"])
+    errors: dict[str, int] = {}
+    for part in parts:
+        for key, count in part["errors"].items():
+            errors[key] = errors.get(key, 0) + count
+    ok, failed = len(latencies), sum(errors.values())
+    done = max(1, ok + failed)
+    seconds = sum(p["seconds"] for p in parts)
+    window = sum(p["cpu_window"] for p in parts)
+    server, generator = sum(p["server_cpu"] for p in parts), sum(p["generator_cpu"] for p in parts)
+    busy, steal = sum(p["busy_cpu"] for p in parts), sum(p["steal_cpu"] for p in parts)
+    return {
+        "target": name,
+        "phases": len(parts),
         "requests": ok + failed,
         "ok": ok,
         "errors": failed,
         "error_kinds": errors,
-        "warmup_requests": warm,
-        "warmup_errors": warm_errors,
-        "seconds": round(elapsed, 3),
-        "throughput_rps": ok / elapsed,
+        "warmup_requests": sum(p["warm"] for p in parts),
+        "warmup_errors": sum(p["warm_errors"] for p in parts),
+        "seconds": round(seconds, 3),
+        "throughput_rps": ok / seconds,
         "p50_ms": percentile(latencies, 50),
         "p90_ms": percentile(latencies, 90),
         "p99_ms": percentile(latencies, 99),
         "mean_ms": (sum(latencies) / ok / 1e6) if ok else float("nan"),
-        # CPU during the measured window (the window and the request count line up to within a request):
-        "server_cpu_ms_per_request": (server1 - server0) * 1000 / done,
-        "server_cpu_cores": (server1 - server0) / window,
-        "generator_cpu_ms_per_request": (gen1 - gen0) * 1000 / done,
-        "generator_cpu_cores": (gen1 - gen0) / window,
-        "machine_busy_pct": 100.0 * (1 - (idle1 - idle0) / ticks),
-        "machine_steal_pct": 100.0 * (steal1 - steal0) / ticks,
+        # CPU during the measured windows, from /proc (10 ms resolution); cores = CPU seconds per second.
+        "server_cpu_ms_per_request": server * 1000 / done,
+        "server_cpu_cores": server / window,
+        "generator_cpu_ms_per_request": generator * 1000 / done,
+        "generator_cpu_cores": generator / window,
+        "machine_busy_cores": busy / window,
+        # whatever else ran on the machine meanwhile (other people's work, the kernel, this script's parent)
+        "others_cpu_cores": max(0.0, (busy - server - generator) / window),
+        "machine_steal_cores": steal / window,
+    }
+
+
+def ratios(broker: dict[str, Any], keycloak: dict[str, Any]) -> dict[str, float]:
+    def div(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    return {
+        "throughput_broker_over_keycloak": div(broker["throughput_rps"], keycloak["throughput_rps"]),
+        "p50_keycloak_over_broker": div(keycloak["p50_ms"], broker["p50_ms"]),
+        "server_cpu_per_request_keycloak_over_broker":
+            div(keycloak["server_cpu_ms_per_request"], broker["server_cpu_ms_per_request"]),
     }
 
 
@@ -552,12 +597,12 @@ def targets(args: argparse.Namespace, token: str) -> dict[str, dict[str, Any]]:
 
     return {
         "broker": {
-            "name": "broker GET /verify", "port": args.broker_port, "method": "GET", "path": VERIFY_PATH,
+            "name": NAMES["broker"], "port": args.broker_port, "method": "GET", "path": VERIFY_PATH,
             "headers": verify_headers, "body": None, "expected_status": 204, "must_contain": None,
             "raw": raw("GET", VERIFY_PATH, args.broker_port, verify_headers, None),
         },
         "keycloak": {
-            "name": "keycloak POST introspect", "port": args.keycloak_port, "method": "POST",
+            "name": NAMES["keycloak"], "port": args.keycloak_port, "method": "POST",
             "path": INTROSPECT_PATH, "headers": introspect_headers, "body": form, "expected_status": 200,
             "must_contain": b'"active":true',
             "raw": raw("POST", INTROSPECT_PATH, args.keycloak_port, introspect_headers, form),
@@ -632,6 +677,26 @@ def broker_settings(args: argparse.Namespace) -> tuple[int, int]:
             args.threads if args.threads is not None else threads)
 
 
+def _table(rows: list[dict[str, Any]]) -> None:
+    header = (f"{'target':<26}{'requests':>9}{'req/s':>8}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'errors':>7}"
+              f"{'srv CPU ms/req':>15}{'gen CPU ms/req':>15}{'srv cores':>10}{'others':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['target']:<26}{r['requests']:>9}{r['throughput_rps']:>8.0f}{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}"
+              f"{r['p99_ms']:>8.2f}{r['errors']:>7}{r['server_cpu_ms_per_request']:>15.3f}"
+              f"{r['generator_cpu_ms_per_request']:>15.3f}{r['server_cpu_cores']:>10.2f}{r['others_cpu_cores']:>8.2f}")
+    for r in rows:
+        if r["error_kinds"]:
+            print(f"  errors of {r['target']}: {r['error_kinds']}")
+
+
+def _ratio_lines(r: dict[str, float], indent: str = "") -> None:
+    print(f"{indent}throughput broker/keycloak:           {r['throughput_broker_over_keycloak']:.2f}x")
+    print(f"{indent}p50 latency keycloak/broker:          {r['p50_keycloak_over_broker']:.2f}x")
+    print(f"{indent}server CPU per request keycloak/broker: {r['server_cpu_per_request_keycloak_over_broker']:.2f}x")
+
+
 def print_report(report: dict[str, Any]) -> None:
     p, m = report["parameters"], report["machine"]
     print()
@@ -639,28 +704,30 @@ def print_report(report: dict[str, Any]) -> None:
           f"load average at start {m['load_average_at_start']}")
     print(f"software: Python {m['python']}, {m['java']}, Keycloak {m['keycloak']} (start-dev), "
           f"code {m['commit']} ({m['tracked_files_modified']} tracked files modified)")
-    print(f"parameters: concurrency {p['concurrency']} keep-alive connections, warm-up {p['warmup_s']:g} s, "
-          f"measured {p['duration_s']:g} s per target, generator {p['generator_processes']} processes x threads "
-          f"({p['client']} client), broker {p['broker_workers']} workers x {p['broker_threads']} threads, "
-          f"order {p['order']}")
+    print(f"parameters: concurrency {p['concurrency']} keep-alive connections, warm-up {p['warmup_s']:g} s "
+          f"(later rounds {p['later_warmup_s']:g} s), measured {p['duration_s']:g} s per target and round, "
+          f"{p['rounds']} round(s), order {p['order']} (alternating), generator {p['generator_processes']} "
+          f"processes ({p['client']} client), broker {p['broker_workers']} workers x {p['broker_threads']} threads")
+    print("columns: srv/gen CPU = CPU time per request of the server's processes / of the load generator; "
+          "srv cores = the server's CPU use; others = CPU cores used by everything else on the machine meanwhile")
+    if len(report["rounds"]) > 1:
+        for i, rnd in enumerate(report["rounds"], 1):
+            print()
+            print(f"round {i} (order: {', '.join(rnd['order'])})")
+            _table(rnd["results"])
+            _ratio_lines(rnd["ratios"], "  ")
+        print()
+        print(f"all {len(report['rounds'])} rounds pooled")
+    else:
+        print()
+    _table(report["results"])
     print()
-    header = (f"{'target':<26}{'requests':>9}{'req/s':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'errors':>7}"
-              f"{'srv CPU ms/req':>15}{'gen CPU ms/req':>15}{'box busy':>9}")
-    print(header)
-    print("-" * len(header))
-    for r in report["results"]:
-        print(f"{r['target']:<26}{r['requests']:>9}{r['throughput_rps']:>9.0f}{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}"
-              f"{r['p99_ms']:>8.2f}{r['errors']:>7}{r['server_cpu_ms_per_request']:>15.3f}"
-              f"{r['generator_cpu_ms_per_request']:>15.3f}{r['machine_busy_pct']:>8.0f}%")
-    for r in report["results"]:
-        if r["error_kinds"]:
-            print(f"  errors of {r['target']}: {r['error_kinds']}")
-    ratios = report["ratios"]
-    print()
-    print(f"throughput broker/keycloak:        {ratios['throughput_broker_over_keycloak']:.2f}x")
-    print(f"p50 latency keycloak/broker:       {ratios['p50_keycloak_over_broker']:.2f}x")
-    print(f"server CPU per request kc/broker:  {ratios['server_cpu_per_request_keycloak_over_broker']:.2f}x")
-    print(f"goal: throughput ratio >= 10x -> {'reached' if ratios['throughput_broker_over_keycloak'] >= 10 else 'NOT reached'}")
+    _ratio_lines(report["ratios"])
+    if len(report["rounds"]) > 1:
+        per_round = [f"{r['ratios']['throughput_broker_over_keycloak']:.2f}" for r in report["rounds"]]
+        print(f"throughput ratio per round: {', '.join(per_round)}")
+    reached = report["ratios"]["throughput_broker_over_keycloak"] >= 10
+    print(f"goal: throughput ratio >= 10x -> {'reached' if reached else 'NOT reached'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -673,7 +740,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--procs", type=int, default=max(2, os.cpu_count() or 2),
                         help="load generator processes (default: nproc, at least 2)")
     parser.add_argument("--client", choices=["raw", "http.client"], default="raw", help="generator's HTTP client")
-    parser.add_argument("--order", choices=["broker-first", "keycloak-first"], default="broker-first")
+    parser.add_argument("--order", choices=["broker-first", "keycloak-first"], default="broker-first",
+                        help="which target goes first in round 1; later rounds alternate")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each target this many times, alternating the order (1, max 5)")
     parser.add_argument("--workers", type=int, default=None, help="BROKER_WORKERS (default: the broker's own)")
     parser.add_argument("--threads", type=int, default=None, help="BROKER_THREADS (default: the broker's own)")
     parser.add_argument("--keycloak-port", type=int, default=28080)
@@ -689,6 +759,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--concurrency must be in [1, {MAX_CONCURRENCY}]")
     if not 1 <= args.max_requests <= MAX_REQUESTS:
         parser.error(f"--max-requests must be in [1, {MAX_REQUESTS}]")
+    if not 1 <= args.rounds <= 5:
+        parser.error("--rounds must be in [1, 5]")
     if not 1 <= args.procs <= 16:
         parser.error("--procs must be in [1, 16]")
     return args
@@ -708,18 +780,25 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     workers, threads = broker_settings(args)
     servers = Servers(args)
-    results: dict[str, dict[str, Any]] = {}
+    parts: dict[str, list[dict[str, Any]]] = {"broker": [], "keycloak": []}
+    rounds: list[dict[str, Any]] = []
     try:
         kc_pgid = servers.start_keycloak()
         broker_pgid = servers.start_broker()
-        order = ["broker", "keycloak"] if args.order == "broker-first" else ["keycloak", "broker"]
-        for name in order:
-            # A fresh token for each target: tokens live 300 s, a phase at most 90 s.
-            target = targets(args, login(args.broker_port))[name]
-            preflight(target)
-            results[name] = measure(target, args, broker_pgid if name == "broker" else kc_pgid)
-            r = results[name]
-            log(f"{target['name']}: {r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, {r['errors']} errors")
+        first = ["broker", "keycloak"] if args.order == "broker-first" else ["keycloak", "broker"]
+        for number in range(args.rounds):
+            order = first if number % 2 == 0 else first[::-1]
+            for name in order:
+                # A fresh token for each phase: tokens live 300 s, a phase at most 90 s.
+                target = targets(args, login(args.broker_port))[name]
+                preflight(target)
+                warmup = args.warmup if not parts[name] else min(args.warmup, LATER_WARMUP)
+                parts[name].append(measure(target, args, broker_pgid if name == "broker" else kc_pgid, warmup))
+                r = summarize(target["name"], parts[name][-1:])
+                log(f"{target['name']}: {r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
+                    f"{r['errors']} errors")
+            results = [summarize(NAMES[n], [parts[n][-1]]) for n in ("broker", "keycloak")]
+            rounds.append({"order": order, "results": results, "ratios": ratios(*results)})
     except KeyboardInterrupt:
         log("interrupted; stopping the servers")
         return 130
@@ -731,24 +810,20 @@ def main(argv: list[str] | None = None) -> int:
         servers.stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    broker, keycloak = results["broker"], results["keycloak"]
+    pooled = [summarize(NAMES[n], parts[n]) for n in ("broker", "keycloak")]
     report = {
         "machine": machine,
         "parameters": {
-            "concurrency": args.concurrency, "warmup_s": args.warmup, "duration_s": args.duration,
-            "max_requests": args.max_requests, "generator_processes": min(args.procs, args.concurrency),
-            "client": args.client, "order": args.order, "broker_workers": workers, "broker_threads": threads,
-            "command": " ".join([".venv/bin/python", "bench/verify_vs_introspection.py", *(argv or sys.argv[1:])]),
+            "concurrency": args.concurrency, "warmup_s": args.warmup, "later_warmup_s": min(args.warmup, LATER_WARMUP),
+            "duration_s": args.duration, "rounds": args.rounds, "max_requests": args.max_requests,
+            "generator_processes": min(args.procs, args.concurrency), "client": args.client, "order": args.order,
+            "broker_workers": workers, "broker_threads": threads,
+            "command": " ".join([".venv/bin/python", "bench/verify_vs_introspection.py",
+                                 *(sys.argv[1:] if argv is None else argv)]),
         },
-        "results": [broker, keycloak],
-        "ratios": {
-            "throughput_broker_over_keycloak": broker["throughput_rps"] / keycloak["throughput_rps"]
-            if keycloak["throughput_rps"] else float("inf"),
-            "p50_keycloak_over_broker": keycloak["p50_ms"] / broker["p50_ms"],
-            "server_cpu_per_request_keycloak_over_broker":
-                keycloak["server_cpu_ms_per_request"] / broker["server_cpu_ms_per_request"]
-                if broker["server_cpu_ms_per_request"] else float("nan"),
-        },
+        "rounds": rounds,
+        "results": pooled,
+        "ratios": ratios(*pooled),
     }
     if args.json:
         print(json.dumps(report, indent=2))
