@@ -175,6 +175,32 @@ def broker_env(keycloak_server: KeycloakServer, **extra: str) -> dict[str, str]:
     }
 
 
+def _start_broker(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    """Run gunicorn with the project's config on `port`; fail the test run if it does not come up."""
+    if not _port_free(port):
+        pytest.fail(f"port {port} is taken; set TEST_BROKER_PORT", pytrace=False)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", str(REPO / "gunicorn.conf.py")],
+            cwd=REPO,
+            env={**env, "BROKER_BIND": f"127.0.0.1:{port}"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=30)
+    except RuntimeError as exc:
+        proc.kill()
+        pytest.fail(f"broker did not start ({exc}):\n{log_path.read_text()[-4000:]}", pytrace=False)
+    return proc
+
+
+def _stop_broker(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def broker_log(tmp_path_factory) -> Path:
     """Where the session's broker (gunicorn) writes its stdout and stderr."""
@@ -183,28 +209,26 @@ def broker_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def broker_url(keycloak_server: KeycloakServer, broker_log: Path) -> Iterator[str]:
-    """The real broker under gunicorn (threaded workers), pointed at the test Keycloak."""
-    if not _port_free(BROKER_PORT):
-        pytest.fail(f"port {BROKER_PORT} is taken; set TEST_BROKER_PORT", pytrace=False)
-    log_path = broker_log
-    env = broker_env(keycloak_server, BROKER_BIND=f"127.0.0.1:{BROKER_PORT}", BROKER_WORKERS="2", BROKER_THREADS="8")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", str(REPO / "gunicorn.conf.py")],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{BROKER_PORT}"
+    """The real broker under gunicorn (2 threaded workers), pointed at the test Keycloak."""
+    proc = _start_broker(broker_env(keycloak_server, BROKER_WORKERS="2", BROKER_THREADS="8"), BROKER_PORT, broker_log)
     try:
-        _wait_http(url + "/health", proc, timeout=30)
-    except RuntimeError as exc:
-        proc.kill()
-        pytest.fail(f"broker did not start ({exc}):\n{log_path.read_text()[-4000:]}", pytrace=False)
-    try:
-        yield url
+        yield f"http://127.0.0.1:{BROKER_PORT}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        _stop_broker(proc)
+
+
+@pytest.fixture(scope="session")
+def start_broker(keycloak_server: KeycloakServer, tmp_path_factory) -> Iterator[Callable[..., str]]:
+    """Factory for more brokers with settings of their own (BROKER_* / REDIS_URL); all stopped at the end."""
+    running: list[subprocess.Popen] = []
+    ports = iter(range(BROKER_PORT + 1, BROKER_PORT + 50))
+
+    def start(**settings: str) -> str:
+        port = next(ports)
+        log_path = tmp_path_factory.mktemp("broker") / f"gunicorn-{port}.log"
+        running.append(_start_broker(broker_env(keycloak_server, **settings), port, log_path))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in running:
+        _stop_broker(proc)

@@ -19,11 +19,12 @@ export interface AuthClientOptions {
   authPath?: string;
   /**
    * "body" (default): refresh posts `{"refresh_token": ...}` from storage.
-   * "cookie": the refresh token is an HttpOnly cookie; refresh and logout post `{}` with
-   * `credentials: "include"` and the CSRF header, and JavaScript never sees the refresh token.
+   * "cookie": the refresh token is an HttpOnly cookie; login, refresh and logout go with
+   * `credentials: "include"` and the CSRF header, refresh and logout post `{}`, and JavaScript never
+   * sees the refresh token.
    */
   transport?: TokenTransport;
-  /** Cookie mode's CSRF proof, sent on refresh and logout. Default `X-Requested-With: XMLHttpRequest`. */
+  /** Cookie mode's CSRF proof, sent on login, refresh and logout. Default `X-Requested-With: XMLHttpRequest`. */
   csrfHeader?: { name: string; value: string };
   /** The fetch to use for everything (the API requests and the broker's routes). Default the global fetch. */
   fetch?: (input: Request | string | URL, init?: RequestInit) => Promise<Response>;
@@ -153,7 +154,7 @@ export class AuthClient {
     const promise = (async () => {
       const body: Record<string, string> = { username, password };
       if (options.scope) body.scope = options.scope;
-      const response = await this.post("login", body, false);
+      const response = await this.post("login", body);
       if (!response.ok) throw await failure(response, "login");
       const tokens = await this.tokensFrom(response, null);
       this.epoch++;
@@ -189,7 +190,7 @@ export class AuthClient {
     this.coordinator.announce({ type: "logout" });
     safely(() => this.options.onLogout?.());
     if (this.transport === "body" && !tokens?.refreshToken) return;
-    const response = await this.post("logout", this.transport === "body" ? { refresh_token: tokens?.refreshToken } : {}, true);
+    const response = await this.post("logout", this.transport === "body" ? { refresh_token: tokens?.refreshToken } : {});
     if (response.ok) return discard(response);
     const error = await failure(response, "logout");
     // No refresh token (cookie gone) or a dead one: there is no session left to end.
@@ -263,7 +264,7 @@ export class AuthClient {
     // Another tab's tokens arrived while this one waited for its turn: nothing left to spend.
     if (current && current.accessToken !== from?.accessToken) return current;
     const body = this.transport === "body" ? { refresh_token: from?.refreshToken } : {};
-    const response = await this.post("refresh-token", body, true);
+    const response = await this.post("refresh-token", body);
     if (!response.ok) throw await failure(response, "refresh");
     return this.tokensFrom(response, from);
   }
@@ -279,11 +280,15 @@ export class AuthClient {
     return tokens;
   }
 
-  /** POST JSON to one of the broker's auth routes; network failures and timeouts become RetryableAuthError. */
-  private async post(route: string, body: object, csrf: boolean): Promise<Response> {
+  /**
+   * POST JSON to one of the broker's auth routes; network failures and timeouts become RetryableAuthError.
+   * Cookie mode: with the cookie (`credentials: "include"`) and the CSRF proof, on login too (so that a
+   * cross-site form cannot plant another person's session cookie).
+   */
+  private async post(route: string, body: object): Promise<Response> {
     const headers = new Headers({ "Content-Type": "application/json", Accept: "application/json" });
     const cookie = this.transport === "cookie";
-    if (cookie && csrf) headers.set(this.csrf.name, this.csrf.value);
+    if (cookie) headers.set(this.csrf.name, this.csrf.value);
     const url = new URL(`${this.authBase}/${route}`, this.baseUrl);
     const request = new Request(url, {
       method: "POST",

@@ -40,7 +40,7 @@ export class FakeBroker {
   expiresIn = 300;
   /** How long a successful refresh takes, so concurrent callers overlap. */
   refreshDelayMs = 30;
-  /** Cookie mode: refresh and logout need the CSRF header, take no refresh_token, answer none. */
+  /** Cookie mode: login, refresh and logout need the CSRF header; refresh and logout take no refresh_token; none is answered. */
   cookieMode = false;
   csrfHeader = { name: "x-requested-with", value: "XMLHttpRequest" };
 
@@ -98,7 +98,9 @@ export class FakeBroker {
     this.calls.push(call);
     const route = `${call.method} ${path}`;
     if (route === "POST /api/auth/login") {
-      return this.answer(req, res, this.login, () => this.json(res, 200, { message: "Login successful", token: this.issue() }));
+      return this.answer(req, res, this.login, () => {
+        if (!this.csrfFailed(call, res)) this.json(res, 200, { message: "Login successful", token: this.issue() });
+      });
     }
     if (route === "POST /api/auth/refresh-token") return this.answer(req, res, this.refresh, () => this.doRefresh(call, res));
     if (route === "POST /api/auth/logout") return this.answer(req, res, this.logout, () => this.doLogout(call, res));

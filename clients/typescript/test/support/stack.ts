@@ -2,8 +2,13 @@
  * The real stack for the integration tests: Keycloak started by the project's scripts/keycloak.sh and the
  * broker under gunicorn, both on ports of their own (beside `make run` on 8080/8000 and the Python suites).
  *
+ * Three brokers: one in body mode, one in cookie mode, and one whose Keycloak cannot be reached (its refresh
+ * answers 503). The first two run without the broker's refresh coalescing (BROKER_REFRESH_COALESCING=false):
+ * the client must be safe on its own, so a second refresh of one token reaches Keycloak, which ends the
+ * session, and the test that let it happen fails.
+ *
  * Ports (environment): TS_TEST_KEYCLOAK_PORT (38080), TS_TEST_KEYCLOAK_MANAGEMENT_PORT (39000),
- * TS_TEST_BROKER_PORT (38000), TS_TEST_BROKER_DOWN_PORT (38001, a broker whose Keycloak cannot be reached).
+ * TS_TEST_BROKER_PORT (38000), TS_TEST_BROKER_DOWN_PORT (38001), TS_TEST_BROKER_COOKIE_PORT (38002).
  * The broker's Python: TS_TEST_PYTHON (default <repo>/.venv/bin/python).
  */
 
@@ -22,6 +27,7 @@ const KC_HTTP_PORT = port("TS_TEST_KEYCLOAK_PORT", 38080);
 const KC_MANAGEMENT_PORT = port("TS_TEST_KEYCLOAK_MANAGEMENT_PORT", 39000);
 const BROKER_PORT = port("TS_TEST_BROKER_PORT", 38000);
 const BROKER_DOWN_PORT = port("TS_TEST_BROKER_DOWN_PORT", 38001);
+const BROKER_COOKIE_PORT = port("TS_TEST_BROKER_COOKIE_PORT", 38002);
 const PYTHON = process.env.TS_TEST_PYTHON || join(REPO, ".venv", "bin", "python");
 export const CLIENT_SECRET = "token-broker-local-secret";
 
@@ -30,8 +36,10 @@ export class KeycloakUnavailable extends Error {}
 
 export interface Stack {
   keycloakUrl: string;
-  /** The broker, talking to the test Keycloak. */
+  /** The broker in body mode, talking to the test Keycloak. */
   brokerUrl: string;
+  /** The broker in cookie mode (BROKER_TOKEN_TRANSPORT=cookie, CSRF header X-Requested-With). */
+  brokerCookieUrl: string;
   /** A second broker whose Keycloak cannot be reached: its refresh answers 503 upstream_unavailable. */
   brokerDownUrl: string;
   stop(): Promise<void>;
@@ -44,8 +52,8 @@ let keycloakStarted = false;
 /** Start Keycloak and the two brokers; throw KeycloakUnavailable or Error. Cleans up after itself on failure. */
 export async function startStack(): Promise<Stack> {
   installExitCleanup();
-  for (const p of [BROKER_PORT, BROKER_DOWN_PORT]) {
-    if (!(await portFree(p))) throw new Error(`port ${p} on 127.0.0.1 is taken; set TS_TEST_BROKER_PORT / TS_TEST_BROKER_DOWN_PORT`);
+  for (const p of [BROKER_PORT, BROKER_DOWN_PORT, BROKER_COOKIE_PORT]) {
+    if (!(await portFree(p))) throw new Error(`port ${p} on 127.0.0.1 is taken; set TS_TEST_BROKER_PORT, TS_TEST_BROKER_DOWN_PORT, TS_TEST_BROKER_COOKIE_PORT`);
   }
   if (!existsSync(PYTHON)) throw new KeycloakUnavailable(`no Python for the broker at ${PYTHON} (run \`make install\`, or set TS_TEST_PYTHON)`);
   const started = await run(KEYCLOAK_SCRIPT, ["start"], scriptEnv, 600_000);
@@ -56,16 +64,24 @@ export async function startStack(): Promise<Stack> {
   }
   const keycloakUrl = `http://127.0.0.1:${KC_HTTP_PORT}`;
   try {
-    const brokerUrl = await startBroker(BROKER_PORT, keycloakUrl);
-    const brokerDownUrl = await startBroker(BROKER_DOWN_PORT, `http://127.0.0.1:${await unusedPort()}`);
-    return { keycloakUrl, brokerUrl, brokerDownUrl, stop: stopAll };
+    const strict = { BROKER_REFRESH_COALESCING: "false" };
+    const started = await Promise.allSettled([
+      startBroker(BROKER_PORT, keycloakUrl, strict),
+      startBroker(BROKER_COOKIE_PORT, keycloakUrl, { ...strict, BROKER_TOKEN_TRANSPORT: "cookie" }),
+      startBroker(BROKER_DOWN_PORT, `http://127.0.0.1:${await unusedPort()}`),
+    ]);
+    const [brokerUrl, brokerCookieUrl, brokerDownUrl] = started.map((r) => {
+      if (r.status === "rejected") throw r.reason;
+      return r.value;
+    });
+    return { keycloakUrl, brokerUrl: brokerUrl!, brokerCookieUrl: brokerCookieUrl!, brokerDownUrl: brokerDownUrl!, stop: stopAll };
   } catch (err) {
     await stopAll();
     throw err;
   }
 }
 
-async function startBroker(brokerPort: number, keycloakUrl: string): Promise<string> {
+async function startBroker(brokerPort: number, keycloakUrl: string, extraEnv: Record<string, string> = {}): Promise<string> {
   const logPath = join(mkdtempSync(join(tmpdir(), "token-broker-ts-")), "gunicorn.log");
   const log = createWriteStream(logPath);
   await new Promise((resolve) => log.once("open", resolve));
@@ -85,6 +101,7 @@ async function startBroker(brokerPort: number, keycloakUrl: string): Promise<str
       // No leeway: a token expired by its `exp` is refused at once, so the tests see X-Token-Expired in seconds.
       BROKER_TOKEN_LEEWAY: "0",
       BROKER_UPSTREAM_RETRY_AFTER: "5",
+      ...extraEnv,
     },
   });
   brokers.push(proc);

@@ -437,7 +437,7 @@ describe("cookie mode", () => {
     assert.equal(c.getTokens()!.refreshToken, undefined);
   });
 
-  it("sends a configured CSRF header on refresh and logout", async () => {
+  it("sends a configured CSRF header on login, refresh and logout", async () => {
     broker.cookieMode = true;
     broker.csrfHeader = { name: "x-csrf", value: "1" };
     try {
@@ -446,7 +446,7 @@ describe("cookie mode", () => {
       await c.login("alice", "pw");
       await c.refresh();
       await c.logout();
-      for (const path of ["/api/auth/refresh-token", "/api/auth/logout"]) {
+      for (const path of ["/api/auth/login", "/api/auth/refresh-token", "/api/auth/logout"]) {
         const r = recorder.requests.find((x) => x.url.endsWith(path))!;
         assert.equal(r.headers.get("X-CSRF"), "1", path);
         assert.equal(r.credentials, "include", path);
@@ -461,8 +461,9 @@ describe("cookie mode", () => {
   it("a missing CSRF proof (403 csrf_failed) is a refusal, not the end of the session", async () => {
     broker.cookieMode = true;
     let expired = 0;
+    const tokens = await client({ transport: "cookie" }).login("alice", "pw");
     const c = client({ transport: "cookie", csrfHeader: { name: "X-Other", value: "no" }, onSessionExpired: () => expired++ });
-    await c.login("alice", "pw");
+    c.setTokens(tokens);
     const err = await c.refresh().catch((e: unknown) => e);
     assert.ok(err instanceof AuthRequestError);
     assert.equal(err.error, "csrf_failed");
