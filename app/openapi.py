@@ -43,6 +43,8 @@ BODY_ERRORS = {
     "413": _error("Body over the size limit (payload_too_large)"),
     "415": _error("Body in another content type (unsupported_media_type)"),
 }
+LIMITED = {"429": _error("Too many attempts (rate_limited)", RETRY_AFTER)}
+CSRF = {"403": _error("Cookie mode: the CSRF header or an allowed Origin is missing (csrf_failed)")}
 BEARER_ERRORS = {
     "401": _error("No bearer token (access_token_required), or an invalid one (invalid_token)",
                   {**CHALLENGE, **TOKEN_EXPIRED}),
@@ -87,7 +89,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "200": _ok("Logged in", "TokenResponse", NO_STORE),
                 "400": _error("Bad body (invalid_request) or scope (invalid_scope)", NO_STORE),
                 "401": _error("Keycloak refused the login (invalid_grant)", NO_STORE),
-                **BODY_ERRORS, **UPSTREAM,
+                **CSRF, **BODY_ERRORS, **LIMITED, **UPSTREAM,
             },
         }},
         "/api/auth/refresh-token": {"post": {
@@ -96,7 +98,7 @@ def _operations() -> dict[str, dict[str, Any]]:
             "responses": {
                 "200": _ok("Refreshed", "TokenResponse", NO_STORE),
                 "400": _error("refresh_token_required, invalid_request, invalid_grant or invalid_scope", NO_STORE),
-                **BODY_ERRORS, **UPSTREAM,
+                **CSRF, **BODY_ERRORS, **LIMITED, **UPSTREAM,
             },
         }},
         "/api/auth/logout": {"post": {
@@ -105,7 +107,7 @@ def _operations() -> dict[str, dict[str, Any]]:
             "responses": {
                 "200": _ok("Logged out, or the session had already ended", "MessageResponse", NO_STORE),
                 "400": _error("refresh_token_required, invalid_request or invalid_grant", NO_STORE),
-                **BODY_ERRORS, **UPSTREAM,
+                **CSRF, **BODY_ERRORS, **UPSTREAM,
             },
         }},
         "/api/auth/me": {"get": {

@@ -209,8 +209,14 @@ def broker_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def broker_url(keycloak_server: KeycloakServer, broker_log: Path) -> Iterator[str]:
-    """The real broker under gunicorn (2 threaded workers), pointed at the test Keycloak."""
-    proc = _start_broker(broker_env(keycloak_server, BROKER_WORKERS="2", BROKER_THREADS="8"), BROKER_PORT, broker_log)
+    """The real broker under gunicorn (2 threaded workers), pointed at the test Keycloak.
+
+    The whole suite logs in from one address, so this broker runs without rate limits (their tests start
+    brokers of their own), and with a one-second refresh grace window so replays can be tested quickly.
+    """
+    env = broker_env(keycloak_server, BROKER_WORKERS="2", BROKER_THREADS="8", BROKER_RATE_LIMITS_ENABLED="false",
+                     BROKER_REFRESH_GRACE_SECONDS="1")
+    proc = _start_broker(env, BROKER_PORT, broker_log)
     try:
         yield f"http://127.0.0.1:{BROKER_PORT}"
     finally:

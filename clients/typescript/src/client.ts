@@ -36,13 +36,18 @@ export interface AuthClientOptions {
   refreshLeadMs?: number;
   /** A random extra lead so tabs and users do not refresh in lockstep (capped at a tenth of the lifetime). Default 10 000 ms. */
   refreshJitterMs?: number;
-  /** After a retryable failure of a proactive refresh, try again after this (doubling, at most 60 s) unless Retry-After says. Default 5 000 ms. */
+  /**
+   * After a retryable failure of a proactive refresh, try again after this (doubling, at most 60 s) unless
+   * Retry-After says. Default 1 000 ms: a first retry inside the broker's coalescing grace (5 s) gets the
+   * answer of a refresh whose response was lost on the way, instead of a spent token.
+   */
   retryDelayMs?: number;
   /** Timeout of each call to login, refresh-token and logout. Default 10 000 ms. */
   requestTimeoutMs?: number;
   /**
-   * Coordinate refreshes with the other tabs of this browser: true (default; Web Locks or BroadcastChannel,
-   * whichever the browser has), false (this tab alone), options, or your own RefreshCoordinator.
+   * Coordinate refreshes with the other tabs of this browser: true (Web Locks or BroadcastChannel, whichever
+   * the browser has), false (this client alone), options, or your own RefreshCoordinator. Default: true in a
+   * browser page, false elsewhere (in a server, clients of different users must never share tokens).
    */
   crossTab?: boolean | CrossTabOptions | RefreshCoordinator;
   /** Which requests get the access token. Default: those to baseUrl's origin. */
@@ -100,11 +105,11 @@ export class AuthClient {
     this.proactive = options.proactiveRefresh ?? true;
     this.leadMs = options.refreshLeadMs ?? 30_000;
     this.jitterMs = options.refreshJitterMs ?? 10_000;
-    this.retryDelayMs = options.retryDelayMs ?? 5_000;
+    this.retryDelayMs = options.retryDelayMs ?? 1_000;
     this.timeoutMs = options.requestTimeoutMs ?? 10_000;
     const origin = this.baseUrl.origin;
     this.attach = options.shouldAttachToken ?? ((url) => url.origin === origin);
-    const crossTab = options.crossTab ?? true;
+    const crossTab = options.crossTab ?? typeof (globalThis as { document?: unknown }).document !== "undefined";
     if (isCoordinator(crossTab)) {
       this.coordinator = crossTab;
       this.ownsCoordinator = false;
@@ -147,9 +152,11 @@ export class AuthClient {
     return this.send(request, fresh);
   };
 
-  /** Log in with the broker (one request at a time per user: Keycloak refuses parallel logins of one user). */
+  /** Log in with the broker. Identical concurrent attempts share one request: Keycloak refuses parallel logins of one user. */
   login(username: string, password: string, options: { scope?: string } = {}): Promise<StoredTokens> {
-    const pending = this.logins.get(username);
+    // The same attempt twice (a double click) is one request; the password is part of the key, in memory while it runs.
+    const attempt = JSON.stringify([username, password, options.scope ?? null]);
+    const pending = this.logins.get(attempt);
     if (pending) return pending;
     const promise = (async () => {
       const body: Record<string, string> = { username, password };
@@ -161,8 +168,8 @@ export class AuthClient {
       this.adopt(tokens);
       this.coordinator.announce({ type: "login", tokens });
       return tokens;
-    })().finally(() => this.logins.delete(username));
-    this.logins.set(username, promise);
+    })().finally(() => this.logins.delete(attempt));
+    this.logins.set(attempt, promise);
     return promise;
   }
 
@@ -194,7 +201,7 @@ export class AuthClient {
     if (response.ok) return discard(response);
     const error = await failure(response, "logout");
     // No refresh token (cookie gone) or a dead one: there is no session left to end.
-    if (error instanceof SessionExpiredError || (error.status === 400 && SESSION_OVER.has(error.error))) return;
+    if (error.status === 400 && SESSION_OVER.has(error.error)) return;
     throw error;
   }
 
@@ -404,9 +411,11 @@ export class AuthClient {
 
   // --- requests ---
 
+  /** A Request; relative URLs resolve as fetch resolves them (against the page), or against baseUrl outside a browser. */
   private toRequest(input: RequestInfo | URL, init?: RequestInit): Request {
     if (input instanceof Request) return init ? new Request(input, init) : input;
-    return new Request(new URL(input instanceof URL ? input.href : input, this.baseUrl), init);
+    const page = (globalThis as { location?: { href?: string } }).location?.href;
+    return new Request(new URL(input instanceof URL ? input.href : input, page ?? this.baseUrl), init);
   }
 
   private send(request: Request, tokens: StoredTokens | null): Promise<Response> {

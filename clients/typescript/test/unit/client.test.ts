@@ -9,6 +9,7 @@ import {
   rejectsAccessToken,
   RetryableAuthError,
   SessionExpiredError,
+  webStorage,
   type AuthClientOptions,
   type StoredTokens,
 } from "../../src/index.js";
@@ -489,5 +490,29 @@ describe("cookie mode", () => {
     const responses = await Promise.all(Array.from({ length: 10 }, () => c.fetch("/api/data")));
     assert.deepEqual(new Set(responses.map((r) => r.status)), new Set([200]));
     assert.equal(broker.refreshCount(), 1);
+  });
+});
+
+describe("where tokens live", () => {
+  it("webStorage keeps them across a reload, and ignores what is not its own", async () => {
+    const data = new Map<string, string>();
+    const store = { getItem: (k: string) => data.get(k) ?? null, setItem: (k: string, v: string) => void data.set(k, v), removeItem: (k: string) => void data.delete(k) };
+    const tokens = await client({ storage: webStorage(store) }).login("alice", "pw");
+    const reloaded = client({ storage: webStorage(store) });
+    assert.deepEqual(reloaded.getTokens(), JSON.parse(JSON.stringify(tokens)));
+    assert.equal((await reloaded.fetch("/api/data")).status, 200);
+    data.set("token-broker.tokens", "{not json");
+    assert.equal(reloaded.getTokens(), null);
+    data.set("token-broker.tokens", JSON.stringify({ accessToken: 42 }));
+    assert.equal(reloaded.getTokens(), null);
+  });
+
+  it("outside a browser page, clients do not share tokens by default (a server's clients belong to different users)", async () => {
+    const a = new AuthClient({ baseUrl: broker.url });
+    const b = new AuthClient({ baseUrl: broker.url });
+    clients.push(a, b);
+    await a.login("alice", "pw");
+    await sleep(30);
+    assert.equal(b.getTokens(), null);
   });
 });
