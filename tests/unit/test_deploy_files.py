@@ -39,9 +39,19 @@ def test_compose_runs_the_broker_against_that_keycloak():
         "KEYCLOAK_CLIENT_ID": client["clientId"],
         "KEYCLOAK_CLIENT_SECRET": client["secret"],
         "BROKER_BIND": "0.0.0.0:8000",
+        "REDIS_URL": "redis://redis:6379/0",
     }
     assert broker["ports"] == ["127.0.0.1:8000:8000"]
-    assert broker["depends_on"] == {"keycloak": {"condition": "service_healthy"}}
+    assert broker["depends_on"] == {"keycloak": {"condition": "service_healthy"},
+                                    "redis": {"condition": "service_healthy"}}
+
+
+def test_compose_runs_a_private_redis_for_the_broker():
+    """Redis is reachable by the broker only (no published port) and keeps nothing on disk."""
+    redis_service = compose()["services"]["redis"]
+    assert redis_service["image"].startswith("redis:")
+    assert "ports" not in redis_service
+    assert redis_service["command"] == ["redis-server", "--save", "", "--appendonly", "no"]
 
 
 def test_dockerfile_runs_gunicorn_as_a_non_root_user_with_a_healthcheck():
