@@ -97,22 +97,6 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
     app.register_blueprint(openapi.bp)
     app.extensions["openapi"] = openapi.build_spec(app.config["BROKER_VERSION"])
     register_error_handlers(app)
-    rate_limits.install(app, settings)
-    if settings.cors_origins:
-        CORS(
-            app,
-            resources={r"/api/*": {"origins": sorted(settings.cors_origins)}},
-            supports_credentials=True,  # only ever for the listed origins: "*" is refused by the settings
-            allow_headers=["Content-Type", "Authorization", "X-Request-ID", settings.csrf_header],
-            expose_headers=["X-Request-ID", "X-Token-Expired", "Retry-After", "WWW-Authenticate"],
-            max_age=600,
-        )
-    if settings.trusted_proxy_hops:
-        # The client address comes from X-Forwarded-For only through the configured number of proxies.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)
-    if settings.token_transport == "cookie" and not settings.cookie_secure:
-        log.warning("BROKER_COOKIE_SECURE=false: the refresh cookie is sent over plain HTTP; local runs only")
-
     @app.before_request
     def _start_request() -> None:
         start_request()
@@ -131,4 +115,20 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
         observe_request(response)
         return response
 
+    # After the hooks above, so a request has its id and start time before a rate limit can refuse it.
+    rate_limits.install(app, settings)
+    if settings.cors_origins:
+        CORS(
+            app,
+            resources={r"/api/*": {"origins": sorted(settings.cors_origins)}},
+            supports_credentials=True,  # only ever for the listed origins: "*" is refused by the settings
+            allow_headers=["Content-Type", "Authorization", "X-Request-ID", settings.csrf_header],
+            expose_headers=["X-Request-ID", "X-Token-Expired", "Retry-After", "WWW-Authenticate"],
+            max_age=600,
+        )
+    if settings.trusted_proxy_hops:
+        # The client address comes from X-Forwarded-For only through the configured number of proxies.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops)
+    if settings.token_transport == "cookie" and not settings.cookie_secure:
+        log.warning("BROKER_COOKIE_SECURE=false: the refresh cookie is sent over plain HTTP; local runs only")
     return app

@@ -14,6 +14,7 @@ import time
 
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RequestLimit
+from werkzeug.exceptions import HTTPException
 
 from app.config import Settings
 from app.errors import BrokerError, RateLimited, error_response
@@ -30,7 +31,7 @@ def login_user_key() -> str:
     """Client address plus a hash of the username the login names (the username itself is never stored)."""
     try:
         username = read_body().get("username")
-    except BrokerError:
+    except (BrokerError, HTTPException):  # a bad body is refused by the route itself
         username = None
     name = username.strip().lower() if isinstance(username, str) else ""
     return f"{client_address()}|{hashlib.sha256(name.encode()).hexdigest()[:32]}"

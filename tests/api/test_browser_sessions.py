@@ -263,6 +263,7 @@ def test_refused_logins_of_one_user_trip_the_per_user_limit(limited, keycloak):
     assert statuses == [401, 401, 401]
     assert (response.status_code, body_of(response)) == (429, RATE_LIMITED)
     assert 1 <= int(response.headers["Retry-After"]) <= 61
+    assert response.headers["X-Request-ID"] and response.headers["Cache-Control"] == "no-store"
     assert len(keycloak.token_calls()) == 3
 
 
