@@ -17,6 +17,7 @@ run: install
 test: install
 	scripts/keycloak.sh fetch
 	$(PY) -m pytest
+	cd clients/typescript && npm ci --no-audit --no-fund && npm test
 
 keycloak-start:
 	scripts/keycloak.sh start
