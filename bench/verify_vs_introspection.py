@@ -726,6 +726,10 @@ def print_report(report: dict[str, Any]) -> None:
     if len(report["rounds"]) > 1:
         per_round = [f"{r['ratios']['throughput_broker_over_keycloak']:.2f}" for r in report["rounds"]]
         print(f"throughput ratio per round: {', '.join(per_round)}")
+    if p["warmup_s"] < 30:
+        print(f"note: Keycloak's JVM keeps getting faster for about 30 s of load; after {p['warmup_s']:g} s of warm-up "
+              "its figures are low and the ratios flatter the broker (see docs/benchmarks.md); "
+              "--warmup 30 or --rounds 3 give steady-state figures")
     reached = report["ratios"]["throughput_broker_over_keycloak"] >= 10
     print(f"goal: throughput ratio >= 10x -> {'reached' if reached else 'NOT reached'}")
 

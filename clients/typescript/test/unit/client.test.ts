@@ -380,7 +380,9 @@ describe("proactive refresh", () => {
     await c.login("alice", "pw");
     while (broker.refreshCount() === 0 && Date.now() - t0 < 3000) await sleep(10);
     const elapsed = Date.now() - t0;
-    assert.ok(elapsed >= 1100 && elapsed <= 1450, `refresh after ${elapsed} ms (expected 1133..1333 ms after login)`);
+    // Timers never fire early, but a loaded machine may fire them late: the bound that matters above is
+    // "before the token expires" (2000 ms), not the scheduled 1333 ms.
+    assert.ok(elapsed >= 1100 && elapsed < 2000, `refresh after ${elapsed} ms (scheduled 1133..1333 ms after login)`);
   });
 
   it("retries a proactive refresh that failed with a retryable error, keeping the tokens", async () => {
