@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from cryptography.exceptions import InvalidTag
+from redis.exceptions import RedisError
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -174,7 +175,13 @@ class RefreshCoalescer:
     def _lead(self, key: FlightKey, refresh_token: str, scope: str | None) -> Outcome:
         if self._shared is None:
             return self._call(refresh_token, scope)
-        return self._lead_across_processes(key, refresh_token, scope)
+        try:
+            return self._lead_across_processes(key, refresh_token, scope)
+        except RedisError as exc:
+            # Redis is a helper, not a dependency: without it, coalescing still holds within this process.
+            log.warning("Redis unavailable for refresh coalescing (%s); coalescing within this process only",
+                        type(exc).__name__)
+            return self._call(refresh_token, scope)
 
     def _call(self, refresh_token: str, scope: str | None) -> Outcome:
         REFRESHES.labels("upstream").inc()

@@ -120,3 +120,13 @@ def test_a_crashed_leader_does_not_block_others_beyond_its_lease(redis_client):
     result = RefreshCoalescer(keycloak, grace=5, shared=shared).refresh("rt")
     assert result == TOKENS and keycloak.grants == 1
     assert 0.2 < time.monotonic() - started < 2
+
+
+def test_an_unreachable_redis_degrades_to_in_process_coalescing():
+    """With Redis down, refreshes still work and still coalesce within the process."""
+    keycloak = Keycloak(delay=0.2)
+    dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(dead, lease=5.0))
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        results = list(pool.map(lambda _: coalescer.refresh("rt"), range(5)))
+    assert results == [TOKENS] * 5 and keycloak.grants == 1
