@@ -10,9 +10,9 @@ Usage (after `make install`, from anywhere):
 
     .venv/bin/python bench/verify_vs_introspection.py [--concurrency 16] [--duration 10] [--warmup 5]
         [--rounds 1] [--order broker-first|keycloak-first] [--workers N] [--threads N]
-        [--procs N] [--client raw|http.client] [--max-requests N] [--json]
+        [--procs N] [--client raw|http.client] [--max-requests N] [--with-health] [--json]
 
-It takes about a minute to start Keycloak, then 2 x (warm-up + duration) per round.
+It takes about a minute to start Keycloak, then (warm-up + duration) per target and round.
 
 What it does, step by step:
 
@@ -33,6 +33,8 @@ What it does, step by step:
    (b) POST /realms/demo/protocol/openid-connect/token/introspect with the form
        client_id, client_secret, token; success = 200 with "active":true in the body.
    Anything else (other status, inactive answer, connection error, timeout) is counted as an error, by kind.
+   With `--with-health`, also (c) the broker's GET /health, success = 200: the same server, hooks and
+   logging with no token work, i.e. the floor of what any broker route costs.
    Each phase is also bounded to `--max-requests` measured requests. With `--rounds N` (at most 5) both
    targets are measured N times, the order alternating (A B, B A, ...), later rounds with a 1 s warm-up;
    this spreads drifting background load over both targets.
@@ -87,7 +89,7 @@ MAX_REQUESTS = 2_000_000
 REQUEST_TIMEOUT = 10.0  # seconds, per request of the load generator
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LATER_WARMUP = 1.0  # seconds of warm-up in rounds after the first (connections only; the JIT is warm)
-NAMES = {"broker": "broker GET /verify", "keycloak": "keycloak POST introspect"}
+NAMES = {"broker": "broker GET /verify", "keycloak": "keycloak POST introspect", "health": "broker GET /health"}
 
 
 def log(message: str) -> None:
@@ -462,11 +464,16 @@ def summarize(name: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def ratios(broker: dict[str, Any], keycloak: dict[str, Any]) -> dict[str, float]:
+def ratios(broker: dict[str, Any], keycloak: dict[str, Any], health: dict[str, Any] | None = None) -> dict[str, float]:
     def div(a: float, b: float) -> float:
         return a / b if b else float("nan")
 
-    return {
+    extra = {} if health is None else {
+        "throughput_health_over_verify": div(health["throughput_rps"], broker["throughput_rps"]),
+        "server_cpu_per_request_verify_over_health":
+            div(broker["server_cpu_ms_per_request"], health["server_cpu_ms_per_request"]),
+    }
+    return extra | {
         "throughput_broker_over_keycloak": div(broker["throughput_rps"], keycloak["throughput_rps"]),
         "p50_keycloak_over_broker": div(keycloak["p50_ms"], broker["p50_ms"]),
         "server_cpu_per_request_keycloak_over_broker":
@@ -607,13 +614,23 @@ def targets(args: argparse.Namespace, token: str) -> dict[str, dict[str, Any]]:
             "must_contain": b'"active":true',
             "raw": raw("POST", INTROSPECT_PATH, args.keycloak_port, introspect_headers, form),
         },
+        # The framework floor: the same server and hooks (request id, access log, metrics, rate limiter),
+        # no token work. What /verify could at best cost in this stack.
+        "health": {
+            "name": NAMES["health"], "port": args.broker_port, "method": "GET", "path": "/health",
+            "headers": {"Accept": "*/*"}, "body": None, "expected_status": 200, "must_contain": None,
+            "raw": raw("GET", "/health", args.broker_port, {"Accept": "*/*"}, None),
+        },
     }
 
 
 def preflight(target: dict[str, Any]) -> None:
     """One request through each client kind; it must be a success, or the run stops here."""
     status, headers, body = call(target["port"], target["method"], target["path"], target["body"], target["headers"])
-    if target["name"].startswith("keycloak"):
+    if target["name"] == NAMES["health"]:
+        if status != 200:
+            raise RuntimeError(f"/health answered {status}: {body[:300]!r}")
+    elif target["name"] == NAMES["keycloak"]:
         active = json.loads(body).get("active") if status == 200 else None
         if active is not True:
             raise RuntimeError(f"introspection answered {status} active={active!r}: {body[:300]!r}")
@@ -695,6 +712,9 @@ def _ratio_lines(r: dict[str, float], indent: str = "") -> None:
     print(f"{indent}throughput broker/keycloak:           {r['throughput_broker_over_keycloak']:.2f}x")
     print(f"{indent}p50 latency keycloak/broker:          {r['p50_keycloak_over_broker']:.2f}x")
     print(f"{indent}server CPU per request keycloak/broker: {r['server_cpu_per_request_keycloak_over_broker']:.2f}x")
+    if "throughput_health_over_verify" in r:
+        print(f"{indent}framework floor: /health throughput / /verify: {r['throughput_health_over_verify']:.2f}x, "
+              f"/verify CPU per request / /health: {r['server_cpu_per_request_verify_over_health']:.2f}x")
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -748,6 +768,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which target goes first in round 1; later rounds alternate")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure each target this many times, alternating the order (1, max 5)")
+    parser.add_argument("--with-health", action="store_true",
+                        help="also measure the broker's GET /health: the framework's floor, no token work")
     parser.add_argument("--workers", type=int, default=None, help="BROKER_WORKERS (default: the broker's own)")
     parser.add_argument("--threads", type=int, default=None, help="BROKER_THREADS (default: the broker's own)")
     parser.add_argument("--keycloak-port", type=int, default=28080)
@@ -784,12 +806,14 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     workers, threads = broker_settings(args)
     servers = Servers(args)
-    parts: dict[str, list[dict[str, Any]]] = {"broker": [], "keycloak": []}
+    shown = ["broker", "keycloak", "health"] if args.with_health else ["broker", "keycloak"]
+    parts: dict[str, list[dict[str, Any]]] = {name: [] for name in shown}
     rounds: list[dict[str, Any]] = []
     try:
         kc_pgid = servers.start_keycloak()
         broker_pgid = servers.start_broker()
-        first = ["broker", "keycloak"] if args.order == "broker-first" else ["keycloak", "broker"]
+        broker_side = ["broker", "health"] if args.with_health else ["broker"]
+        first = broker_side + ["keycloak"] if args.order == "broker-first" else ["keycloak"] + broker_side
         for number in range(args.rounds):
             order = first if number % 2 == 0 else first[::-1]
             for name in order:
@@ -797,11 +821,11 @@ def main(argv: list[str] | None = None) -> int:
                 target = targets(args, login(args.broker_port))[name]
                 preflight(target)
                 warmup = args.warmup if not parts[name] else min(args.warmup, LATER_WARMUP)
-                parts[name].append(measure(target, args, broker_pgid if name == "broker" else kc_pgid, warmup))
+                parts[name].append(measure(target, args, kc_pgid if name == "keycloak" else broker_pgid, warmup))
                 r = summarize(target["name"], parts[name][-1:])
                 log(f"{target['name']}: {r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
                     f"{r['errors']} errors")
-            results = [summarize(NAMES[n], [parts[n][-1]]) for n in ("broker", "keycloak")]
+            results = [summarize(NAMES[n], [parts[n][-1]]) for n in shown]
             rounds.append({"order": order, "results": results, "ratios": ratios(*results)})
     except KeyboardInterrupt:
         log("interrupted; stopping the servers")
@@ -814,14 +838,14 @@ def main(argv: list[str] | None = None) -> int:
         servers.stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    pooled = [summarize(NAMES[n], parts[n]) for n in ("broker", "keycloak")]
+    pooled = [summarize(NAMES[n], parts[n]) for n in shown]
     report = {
         "machine": machine,
         "parameters": {
             "concurrency": args.concurrency, "warmup_s": args.warmup, "later_warmup_s": min(args.warmup, LATER_WARMUP),
             "duration_s": args.duration, "rounds": args.rounds, "max_requests": args.max_requests,
             "generator_processes": min(args.procs, args.concurrency), "client": args.client, "order": args.order,
-            "broker_workers": workers, "broker_threads": threads,
+            "broker_workers": workers, "broker_threads": threads, "with_health": args.with_health,
             "command": " ".join([".venv/bin/python", "bench/verify_vs_introspection.py",
                                  *(sys.argv[1:] if argv is None else argv)]),
         },
