@@ -58,6 +58,9 @@ def install(app: Flask, settings: Settings) -> Limiter:
         headers_enabled=False,
         on_breach=_refuse,  # its response travels on flask-limiter's RateLimitExceeded (see errors.py)
     )
+    # Only these endpoints have limits: every other request (the gateway's /verify above all) skips the limiter.
+    limited = {"auth.login", "auth.refresh_token"}
+    limiter.request_filter(lambda: request.endpoint not in limited)
     views = app.view_functions
     views["auth.login"] = limiter.limit(settings.rate_limit_login_ip, key_func=client_address)(views["auth.login"])
     views["auth.login"] = limiter.limit(

@@ -8,7 +8,7 @@ ratios. It is a benchmark, not a test: it asserts nothing about speed, it report
 
 Usage (after `make install`, from anywhere):
 
-    .venv/bin/python bench/verify_vs_introspection.py [--concurrency 16] [--duration 10] [--warmup 5]
+    .venv/bin/python bench/verify_vs_introspection.py [--concurrency 16] [--duration 10] [--warmup 30]
         [--rounds 1] [--order broker-first|keycloak-first] [--workers N] [--threads N]
         [--procs N] [--client raw|http.client] [--max-requests N] [--with-health] [--json]
 
@@ -759,7 +759,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Measure the broker's /verify against Keycloak's introspection at equal concurrency.")
     parser.add_argument("--concurrency", type=int, default=16, help="keep-alive connections per target (16)")
     parser.add_argument("--duration", type=float, default=10.0, help=f"measured seconds per target (10, max {MAX_DURATION:g})")
-    parser.add_argument("--warmup", type=float, default=5.0, help=f"warm-up seconds per target (5, max {MAX_WARMUP:g})")
+    parser.add_argument("--warmup", type=float, default=30.0,
+                        help=f"warm-up seconds per target (30: the JVM keeps speeding up that long; max {MAX_WARMUP:g})")
     parser.add_argument("--max-requests", type=int, default=1_000_000, help="measured requests per target at most")
     parser.add_argument("--procs", type=int, default=max(2, os.cpu_count() or 2),
                         help="load generator processes (default: nproc, at least 2)")
