@@ -25,7 +25,7 @@ B="http://$BROKER_BIND"
 cat <<MSG
 
 Keycloak: $KEYCLOAK_URL (admin console: $KEYCLOAK_URL/admin, admin / admin)
-Broker:   $B  (Ctrl-C stops the broker and Keycloak)
+Broker:   $B  (Ctrl-C stops the broker, and Keycloak if this script started it)
 
 Try it (README.md has more):
   curl -s $B/api/auth/login -H 'Content-Type: application/json' -d '{"username":"alice","password":"alice-password"}'
