@@ -116,6 +116,8 @@ class SigningKeys:
 
     def _refresh_in_passing(self) -> None:
         """Old keys: one caller refetches, the others carry on with the keys in hand."""
+        if self._clock() - self._gate < self._min_interval:
+            return  # a fetch failed (or was caller-driven) a moment ago: don't retry on every request
         if self._lock.acquire(blocking=False):
             try:
                 if self._clock() - self._fetched_at > self._max_age:

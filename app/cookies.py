@@ -51,10 +51,15 @@ def refresh_token_from(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 
 def set_refresh_cookie(response: Response, tokens: TokenSet) -> None:
-    """Put the refresh token into the cookie, for as long as Keycloak says it lives."""
+    """Put the refresh token into the cookie, for as long as Keycloak says it lives.
+
+    Keycloak gives offline tokens `refresh_expires_in: 0` (no expiry of their own): those become a cookie
+    without Max-Age, which lives as long as the browser session, rather than Max-Age=0, which deletes it.
+    """
     settings = _settings()
+    lifetime = tokens.refresh_expires_in or None
     response.set_cookie(
-        settings.cookie_name, tokens.refresh_token or "", max_age=tokens.refresh_expires_in, path=COOKIE_PATH,
+        settings.cookie_name, tokens.refresh_token or "", max_age=lifetime, path=COOKIE_PATH,
         secure=settings.cookie_secure, httponly=True, samesite="Strict",
     )
 

@@ -206,10 +206,17 @@ class RefreshCoalescer:
                         REFRESHES.labels("coalesced").inc()
                         return stored
                     outcome = self._call(refresh_token, scope)
-                    shared.store(key, outcome, self._grace)
+                    # From here on the token is spent: a Redis failure must not make anyone refresh again.
+                    try:
+                        shared.store(key, outcome, self._grace)
+                    except RedisError as exc:
+                        log.warning("could not share a refresh outcome through Redis (%s)", type(exc).__name__)
                     return outcome
                 finally:
-                    shared.release(key, owner)
+                    try:
+                        shared.release(key, owner)
+                    except RedisError:
+                        pass  # the lease runs out by itself
             if self._clock() > deadline:
                 log.warning("gave up waiting for another instance's refresh of the same token")
                 return UpstreamTimeout()

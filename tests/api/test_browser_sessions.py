@@ -299,3 +299,13 @@ def test_the_forwarded_address_counts_only_through_trusted_hops(settings, keyclo
         statuses = [client.post("/api/auth/refresh-token", json={"refresh_token": "t"},
                                 headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in (1, 2)]
         assert statuses == expected, hops
+
+
+def test_an_offline_token_cookie_lives_with_the_browser_session(cookie_app, keycloak):
+    """refresh_expires_in 0 (an offline token) sets a cookie without Max-Age, not one that is deleted at once."""
+    keycloak.issues_tokens({**KEYCLOAK_TOKENS, "refresh_expires_in": 0})
+    response = cookie_app.test_client().post("/api/auth/login", headers=CSRF,
+                                              json={"username": "alice", "password": "pw", "scope": "openid offline_access"})
+    cookie = set_cookie_header(response)
+    assert cookie.startswith(f"{COOKIE}=refresh.token.value;")
+    assert "Max-Age" not in cookie and "Expires" not in cookie

@@ -130,3 +130,21 @@ def test_an_unreachable_redis_degrades_to_in_process_coalescing():
     with ThreadPoolExecutor(max_workers=5) as pool:
         results = list(pool.map(lambda _: coalescer.refresh("rt"), range(5)))
     assert results == [TOKENS] * 5 and keycloak.grants == 1
+
+
+class _FailingStore(RedisOutcomes):
+    """Redis that takes the lock but fails when the outcome is stored, and when the lock is released."""
+
+    def store(self, key, outcome, grace):
+        raise redis.ConnectionError("lost Redis after the grant")
+
+    def release(self, key, owner):
+        raise redis.ConnectionError("still lost")
+
+
+def test_redis_failing_after_the_grant_never_causes_a_second_grant(redis_client):
+    """Once Keycloak has answered, a Redis failure is logged and the outcome returned: no second refresh."""
+    keycloak = Keycloak(delay=0)
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=_FailingStore(redis_client, lease=5.0))
+    assert coalescer.refresh("rt") == TOKENS
+    assert keycloak.grants == 1

@@ -172,3 +172,19 @@ def test_session_check_is_bounded():
     for token in "abcde":
         check.active(token)
     assert len(check._verdicts) == 3
+
+
+def test_a_failing_refresh_in_passing_is_not_retried_on_every_request(realm):
+    """Old keys and Keycloak down: one refresh attempt per interval, not one per request; old keys keep working."""
+    jwks = Jwks(realm)
+    clock = Clock()
+    keys = keys_for(jwks, clock, interval=10, max_age=300)
+    keys.get("a")
+    jwks.down = True
+    clock.now += 301
+    for _ in range(20):
+        assert keys.get("a").kid == "a"
+    assert jwks.fetches == 2
+    clock.now += 11
+    keys.get("a")
+    assert jwks.fetches == 3
