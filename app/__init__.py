@@ -61,10 +61,12 @@ def _refresher(settings: Settings, keycloak: KeycloakClient) -> RefreshCoalescer
         return UncoalescedRefresh(keycloak.refresh)
     shared = None
     if settings.redis_url:
-        # The lease outlives the slowest Keycloak call the broker allows.
-        lease = settings.connect_timeout + settings.read_timeout + 2.0
+        # The lease outlives the slowest refresh the broker allows: discovery is fetched before the lock is
+        # taken, but a refresh may still need two exchanges, each bounded by connect + read timeouts.
+        lease = 2 * (settings.connect_timeout + settings.read_timeout) + 2.0
         shared = RedisOutcomes(redis.Redis.from_url(settings.redis_url, socket_timeout=2.0), lease=lease)
-    return RefreshCoalescer(keycloak.refresh, grace=settings.refresh_grace_seconds, shared=shared)
+    return RefreshCoalescer(keycloak.refresh, grace=settings.refresh_grace_seconds, shared=shared,
+                            prepare=keycloak.discovery)
 
 
 def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None = None) -> Flask:

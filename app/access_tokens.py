@@ -60,7 +60,7 @@ def parse_jwks(document: Any) -> dict[str, SigningKey]:
         if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
             continue
         kid, algorithm = entry.get("kid"), entry.get("alg")
-        if not isinstance(kid, str) or algorithm not in ALLOWED_ALGORITHMS:
+        if not isinstance(kid, str) or not isinstance(algorithm, str) or algorithm not in ALLOWED_ALGORITHMS:
             continue
         try:
             keys[kid] = SigningKey(kid, algorithm, JWKRegistry.import_key(entry))
@@ -177,7 +177,7 @@ class AccessTokenValidator:
         """The token's claims if it is a valid access token of the realm; raise InvalidToken otherwise."""
         header = _header(token)
         algorithm, kid = header.get("alg"), header.get("kid")
-        if algorithm not in ALLOWED_ALGORITHMS:
+        if not isinstance(algorithm, str) or algorithm not in ALLOWED_ALGORITHMS:
             raise InvalidToken("Access token uses a signature algorithm that is not accepted")
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("Access token names no signing key")

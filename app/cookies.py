@@ -2,9 +2,10 @@
 
 Opt-in with BROKER_TOKEN_TRANSPORT=cookie. Login and refresh set the cookie (HttpOnly, Secure,
 SameSite=Strict, Path=/api/auth, Max-Age from refresh_expires_in) and leave refresh_token out of the JSON;
-refresh and logout read it from the cookie when the body has none; logout clears it. Every request in
-cookie mode that sets or uses the cookie must carry the CSRF proof: the configured header (which a
-cross-site form cannot send) and, when the browser sends an Origin, an allowed origin.
+refresh and logout read it from the cookie when the body has none; logout clears it. Every login, refresh
+and logout in cookie mode must carry the CSRF proof, wherever its token comes from (each answer sets or
+clears the cookie): the configured header (which a cross-site form cannot send) and, when the browser
+sends an Origin, an allowed origin.
 """
 
 from __future__ import annotations

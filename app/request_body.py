@@ -59,6 +59,11 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("The request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object")
+    try:
+        # JSON escapes can spell lone surrogates ("\ud800") that no UTF-8 text can hold.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("The request body is not valid UTF-8") from None
     return data
 
 

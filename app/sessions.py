@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from app.errors import BrokerError, UpstreamError, UpstreamTimeout
+from app.errors import BrokerError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from app.keycloak_client import TokenSet
 from app.metrics import REFRESHES
 
@@ -136,9 +136,11 @@ class RefreshCoalescer:
         *,
         grace: float,
         shared: RedisOutcomes | None = None,
+        prepare: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._refresh = refresh
+        self._prepare = prepare
         self._grace = grace
         self._shared = shared
         self._clock = clock
@@ -159,14 +161,15 @@ class RefreshCoalescer:
                 flight.outcome = self._lead(key, refresh_token, scope)
             except BrokerError as exc:
                 flight.outcome = exc
-            except Exception:
+            except BaseException:
+                # A bug (or a worker timeout): forget the flight so later refreshes are not stuck behind it.
                 with self._lock:
                     self._flights.pop(key.name, None)
                 flight.outcome = UpstreamError()
-                flight.done.set()
                 raise
-            flight.expires = self._clock() + self._grace
-            flight.done.set()
+            finally:
+                flight.expires = self._clock() + self._grace
+                flight.done.set()
         else:
             REFRESHES.labels("coalesced").inc()
             flight.done.wait()
@@ -192,35 +195,54 @@ class RefreshCoalescer:
 
     def _lead_across_processes(self, key: FlightKey, refresh_token: str, scope: str | None) -> Outcome:
         shared = self._shared
+        if self._prepare is not None:
+            self._prepare()  # e.g. fetch the discovery document now, so it does not eat into the lease
         owner = os.urandom(16).hex()
         deadline = self._clock() + shared.lease + 1.0
+        saw_other_leader = False
         while True:
             stored = self._load(key)
             if stored is not None:
                 REFRESHES.labels("coalesced").inc()
                 return stored
-            if shared.claim(key, owner):
-                try:
-                    stored = self._load(key)  # another process may have finished between our look and our claim
-                    if stored is not None:
-                        REFRESHES.labels("coalesced").inc()
-                        return stored
-                    outcome = self._call(refresh_token, scope)
-                    # From here on the token is spent: a Redis failure must not make anyone refresh again.
-                    try:
-                        shared.store(key, outcome, self._grace)
-                    except RedisError as exc:
-                        log.warning("could not share a refresh outcome through Redis (%s)", type(exc).__name__)
-                    return outcome
-                finally:
-                    try:
-                        shared.release(key, owner)
-                    except RedisError:
-                        pass  # the lease runs out by itself
+            if not saw_other_leader and shared.claim(key, owner):
+                return self._grant_and_share(key, owner, refresh_token, scope)
+            saw_other_leader = True
+            if not shared.locked(key):
+                # The other leader is gone without sharing an outcome (it crashed, or Redis failed under it).
+                # It may have spent the token: refreshing it again here could be a reuse that ends the session.
+                stored = self._load(key)
+                if stored is not None:
+                    REFRESHES.labels("coalesced").inc()
+                    return stored
+                log.warning("another instance's refresh of the same token ended without an outcome")
+                return UpstreamUnavailable()
             if self._clock() > deadline:
                 log.warning("gave up waiting for another instance's refresh of the same token")
                 return UpstreamTimeout()
             time.sleep(shared.poll_interval)
+
+    def _grant_and_share(self, key: FlightKey, owner: str, refresh_token: str, scope: str | None) -> Outcome:
+        """As the cross-process leader: one Keycloak call, its outcome stored, then the lock released."""
+        shared = self._shared
+        stored = self._load(key)  # another process may have finished between our look and our claim
+        if stored is not None:
+            shared.release(key, owner)
+            REFRESHES.labels("coalesced").inc()
+            return stored
+        outcome = self._call(refresh_token, scope)
+        # From here on the token may be spent: a Redis failure must not make anyone refresh it again.
+        try:
+            shared.store(key, outcome, self._grace)
+        except RedisError as exc:
+            # Keep the lock (its lease runs out by itself): waiters then answer 503 instead of refreshing.
+            log.warning("could not share a refresh outcome through Redis (%s)", type(exc).__name__)
+            return outcome
+        try:
+            shared.release(key, owner)
+        except RedisError:
+            pass  # the lease runs out by itself
+        return outcome
 
     def _load(self, key: FlightKey) -> Outcome | None:
         try:

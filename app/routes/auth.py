@@ -49,9 +49,9 @@ def login() -> Response:
 @bp.post("/refresh-token")
 def refresh_token() -> Response:
     """Refresh grant (coalesced): 200 with a new token object, 400 invalid_grant when the token is refused."""
+    if cookie_mode():
+        require_csrf_proof()  # even with a body token: the answer sets the cookie (login CSRF otherwise)
     body, from_cookie = refresh_token_from(read_body())
-    if from_cookie:
-        require_csrf_proof()
     data = refresh_request.load_or_raise(body)
     try:
         tokens = current_app.extensions["refresher"].refresh(data["refresh_token"], data.get("scope"))
@@ -65,9 +65,9 @@ def refresh_token() -> Response:
 @bp.post("/logout")
 def logout() -> Response:
     """End the Keycloak session of the refresh token; 200 also when it had already ended."""
+    if cookie_mode():
+        require_csrf_proof()  # even with a body token: the answer clears the cookie
     body, from_cookie = refresh_token_from(read_body())
-    if from_cookie:
-        require_csrf_proof()
     data = logout_request.load_or_raise(body)
     try:
         _keycloak().logout(data["refresh_token"])

@@ -145,3 +145,12 @@ def test_a_body_exactly_at_the_limit_is_read(client, keycloak):
     assert len(body) == 16384
     response = client.post("/api/auth/refresh-token", data=body, content_type="application/json")
     assert (response.status_code, body_of(response)) == (400, invalid("refresh_token must be at most 8192 characters"))
+
+
+@pytest.mark.parametrize("path", ["/api/auth/login", "/api/auth/refresh-token", "/api/auth/logout"])
+def test_a_lone_surrogate_escape_is_400_not_500(client, keycloak, path):
+    """JSON can spell "\\ud800", which no UTF-8 text holds: 400 invalid_request, Keycloak untouched."""
+    body = b'{"username": "a\\ud800", "password": "x", "refresh_token": "\\ud800"}'
+    response = client.post(path, data=body, content_type="application/json")
+    assert (response.status_code, body_of(response)) == (400, invalid("The request body is not valid UTF-8"))
+    assert keycloak.token_calls() == []

@@ -133,6 +133,8 @@ now = int(time.time())
               "Access token uses a signature algorithm that is not accepted"),
         _case("hmac-with-public-key", lambda k: k.hmac_token_with_public_key(),
               "Access token uses a signature algorithm that is not accepted"),
+        _case("alg-a-list", lambda k: f"{b64({'alg': ['RS256'], 'kid': k.current})}.e30.c2ln",
+              "Access token uses a signature algorithm that is not accepted"),
         _case("alg-mismatch", lambda k: k.with_header({"alg": "RS512", "kid": k.current}), "Access token's algorithm does not match its key"),
         _case("unknown-kid", lambda k: RealmKeys("no-such-kid").token(), "Access token was signed with an unknown key"),
         _case("no-kid", lambda k: f"{b64({'alg': 'RS256'})}.{b64(k.claims())}.c2ln", "Access token names no signing key"),

@@ -195,11 +195,16 @@ def test_a_dead_cookie_is_cleared_when_keycloak_refuses_it(cookie_app, keycloak)
     assert set_cookie_header(response).startswith(f"{COOKIE}=;")
 
 
-def test_a_body_token_still_works_in_cookie_mode_without_csrf(cookie_app, keycloak):
-    """A refresh token in the body is not cookie-authenticated, so it needs no CSRF proof."""
+@pytest.mark.parametrize("path", ["/api/auth/refresh-token", "/api/auth/logout"])
+def test_a_body_token_in_cookie_mode_needs_the_csrf_proof_too(cookie_app, keycloak, path):
+    """A cross-site form posting its own token must not set or clear the victim's cookie: 403, no Set-Cookie."""
     keycloak.issues_tokens()
-    response = cookie_app.test_client().post("/api/auth/refresh-token", json={"refresh_token": "in-body"})
-    assert response.status_code == 200
+    keycloak.logs_out()
+    client = cookie_app.test_client()
+    refused = client.post(path, data={"refresh_token": "attacker-token"}, headers={"Origin": "https://evil.example.test"})
+    assert (refused.status_code, refused.headers.getlist("Set-Cookie")) == (403, [])
+    assert client.post(path, json={"refresh_token": "in-body"}, headers=CSRF).status_code == 200
+    assert keycloak.token_calls() + keycloak.token_calls(LOGOUT_URL) != []
 
 
 def test_no_cookie_and_no_body_token_is_refresh_token_required(cookie_app, keycloak):

@@ -111,15 +111,21 @@ def test_outcomes_expire_after_the_grace_window(redis_client):
     assert keycloak.grants == 2
 
 
-def test_a_crashed_leader_does_not_block_others_beyond_its_lease(redis_client):
-    """A lock left by a process that died is taken over once its lease runs out."""
+def test_a_crashed_leader_blocks_others_only_until_its_lease_ends(redis_client):
+    """A lock left by a dead process: waiters answer 503 once its lease runs out (it may have spent the token);
+    the client's next attempt finds no lock and refreshes."""
     keycloak = Keycloak(delay=0)
     shared = RedisOutcomes(redis_client, lease=0.3)
     assert shared.claim(FlightKey.of("rt", None), "dead-process")
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=shared)
     started = time.monotonic()
-    result = RefreshCoalescer(keycloak, grace=5, shared=shared).refresh("rt")
-    assert result == TOKENS and keycloak.grants == 1
+    with pytest.raises(BrokerError) as waited:
+        coalescer.refresh("rt")
+    assert (waited.value.status, keycloak.grants) == (503, 0)
     assert 0.2 < time.monotonic() - started < 2
+    # The next attempt (here from another process, whose memo does not hold the shared 503) refreshes.
+    assert RefreshCoalescer(keycloak, grace=5, shared=shared).refresh("rt") == TOKENS
+    assert keycloak.grants == 1
 
 
 def test_an_unreachable_redis_degrades_to_in_process_coalescing():
@@ -148,3 +154,36 @@ def test_redis_failing_after_the_grant_never_causes_a_second_grant(redis_client)
     coalescer = RefreshCoalescer(keycloak, grace=5, shared=_FailingStore(redis_client, lease=5.0))
     assert coalescer.refresh("rt") == TOKENS
     assert keycloak.grants == 1
+
+
+class _StoreFailsOnce(RedisOutcomes):
+    """Redis whose first attempt to store an outcome fails (a reconnect, say); everything else works."""
+
+    failed = False
+
+    def store(self, key, outcome, grace):
+        if not _StoreFailsOnce.failed:
+            _StoreFailsOnce.failed = True
+            raise redis.ConnectionError("blip")
+        super().store(key, outcome, grace)
+
+
+def test_a_lost_outcome_is_never_refreshed_again_by_another_process(redis_client):
+    """Leader's outcome not stored: waiting processes answer 503 rather than spend the token a second time."""
+    keycloak = Keycloak(delay=0.2)
+    coalescers = [RefreshCoalescer(keycloak, grace=5, shared=_StoreFailsOnce(redis_client, lease=0.6))
+                  for _ in range(2)]
+
+    def attempt(i):
+        try:
+            return coalescers[i].refresh("rt")
+        except BrokerError as exc:
+            return exc.status
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(attempt, 0)
+        time.sleep(0.05)
+        second = pool.submit(attempt, 1)
+        results = [first.result(), second.result()]
+    assert keycloak.grants == 1
+    assert results == [TOKENS, 503]

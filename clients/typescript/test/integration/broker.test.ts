@@ -212,7 +212,10 @@ describe("against the real broker and Keycloak", { skip: unavailable ? `the real
       status: 503,
       retryAfter: 5,
     });
-    assert.equal(counter.sent(REFRESH), 1);
+    // A 401 that comes back after a failed refresh has settled starts a refresh of its own, so how many
+    // refreshes the five requests cause depends on timing; "many 401s in flight, one refresh" is asserted
+    // against the healthy broker above.
+    assert.ok(counter.sent(REFRESH) >= 1);
     assert.equal(expired, 0);
     assert.equal(down.getTokens()!.refreshToken, tokens.refreshToken, "tokens kept");
     // The broker is back (here: the one whose Keycloak is up): the kept refresh token still works.
