@@ -49,16 +49,6 @@ class BrokerError(Exception):
             self.error = error
         self.headers: dict[str, str] = dict(headers or {})
 
-    def __eq__(self, other: object) -> bool:
-        return (
-            type(other) is type(self)
-            and (self.status, self.error, self.message, self.headers)
-            == (other.status, other.error, other.message, other.headers)  # type: ignore[attr-defined]
-        )
-
-    def __hash__(self) -> int:
-        return hash((type(self), self.error, self.message))
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.status}, {self.error!r}, {self.message!r})"
 
