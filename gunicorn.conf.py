@@ -1,7 +1,8 @@
-"""Gunicorn settings for the broker: threaded workers, counts and address from the environment.
+"""Gunicorn settings for the broker: one gevent worker by default, counts and address from the environment.
 
 Every variable is read and validated by app.config.Settings, so a bad value stops the server before
-any worker starts, with a message naming the variable.
+any worker starts, with a message naming the variable. Why gevent, and why one worker without Redis:
+docs/operations.md ("The process model") and docs/reliability.md.
 """
 
 import glob
@@ -12,8 +13,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Prometheus multiprocess mode: every worker writes samples into this directory, /metrics sums them.
-# It must be set before anything imports prometheus_client (importing app.config imports the app package),
-# and start empty.
+# It must be set before anything imports prometheus_client, and start empty. Only app.config (the standard
+# library alone) is imported here: the master must not import the app, or ssl and sockets would be imported
+# before the gevent worker patches them.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="token-broker-metrics-")
 
@@ -41,12 +43,25 @@ def child_exit(server, worker) -> None:  # noqa: ANN001
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_exit(server, worker) -> None:  # noqa: ANN001
+    """Before a worker goes (SIGTERM, a reload), let refreshes already sent to Keycloak finish and share their outcome."""
+    application = getattr(worker, "wsgi", None)
+    extensions = getattr(application, "extensions", None)
+    if extensions and "refresher" in extensions:
+        extensions["refresher"].drain(timeout=_settings.connect_timeout + _settings.refresh_answer_limit)
+
+
 bind = _settings.bind
-worker_class = "gthread"
+# gevent: a connection costs a greenlet, not a thread, so slow clients and calls waiting on a hung Keycloak or
+# Redis cannot starve the other routes (measured in docs/reliability.md).
+worker_class = "gevent"
 workers = _settings.workers
-threads = _settings.threads
+worker_connections = _settings.worker_connections
+# Both outlast the longest refresh (validated in app.config): the master never kills a worker mid-refresh.
 timeout = _settings.worker_timeout
-graceful_timeout = 20
+graceful_timeout = _settings.graceful_timeout
 keepalive = 5
 # Refuse absurd request lines and headers early; bodies are bounded by BROKER_MAX_BODY_BYTES.
 limit_request_line = 4096
@@ -60,7 +75,7 @@ loglevel = _settings.log_level.lower()
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "app.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": "app.log_format.JsonFormatter"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
     "root": {"level": _settings.log_level, "handlers": ["stderr"]},
     "loggers": {

@@ -55,9 +55,14 @@ class Settings:
     rate_limit_refresh: str = "120 per minute"
     trusted_proxy_hops: int = 0
     bind: str = "127.0.0.1:8000"
-    workers: int = 2
-    threads: int = 8
+    workers: int = 1
+    worker_connections: int = 1000
     worker_timeout: int = 30
+    graceful_timeout: int = 25
+    refresh_answer_limit: float = 20.0
+    upstream_concurrency: int = 32
+    redis_timeout: float = 0.25
+    redis_retry_seconds: float = 5.0
 
     @property
     def realm_url(self) -> str:
@@ -114,10 +119,16 @@ class Settings:
             rate_limit_refresh=reader.get("BROKER_RATE_LIMIT_REFRESH", "120 per minute", _rate_limit),
             trusted_proxy_hops=reader.get("BROKER_TRUSTED_PROXY_HOPS", 0, _int_between(0, 10)),
             bind=reader.get("BROKER_BIND", "127.0.0.1:8000", _bind),
-            workers=reader.get("BROKER_WORKERS", 2, _int_between(1, 64)),
-            threads=reader.get("BROKER_THREADS", 8, _int_between(1, 256)),
+            workers=reader.get("BROKER_WORKERS", 1, _int_between(1, 64)),
+            worker_connections=reader.get("BROKER_WORKER_CONNECTIONS", 1000, _int_between(10, 100000)),
             worker_timeout=reader.get("BROKER_WORKER_TIMEOUT", 30, _int_between(5, 600)),
+            graceful_timeout=reader.get("BROKER_GRACEFUL_TIMEOUT", 25, _int_between(1, 600)),
+            refresh_answer_limit=reader.get("BROKER_REFRESH_ANSWER_LIMIT", 20.0, _positive_float),
+            upstream_concurrency=reader.get("BROKER_UPSTREAM_CONCURRENCY", 32, _int_between(1, 10000)),
+            redis_timeout=reader.get("BROKER_REDIS_TIMEOUT", 0.25, _seconds_between(0.01, 10)),
+            redis_retry_seconds=reader.get("BROKER_REDIS_RETRY_SECONDS", 5.0, _seconds_between(0.1, 300)),
         )
+        reader.problems.extend(_promise_problems(settings, env))
         if not settings.cookie_secure and settings.cookie_name.startswith(("__Secure-", "__Host-")):
             reader.problems.append(
                 "BROKER_COOKIE_NAME: a __Secure- or __Host- cookie needs BROKER_COOKIE_SECURE=true "
@@ -126,6 +137,38 @@ class Settings:
         if reader.problems:
             raise ConfigError(reader.problems)
         return settings
+
+
+def _promise_problems(settings: Settings, env: Mapping[str, str]) -> list[str]:
+    """Combinations of settings that would break a promise of docs/reliability.md, each naming its variables."""
+    problems = []
+    if env.get("BROKER_THREADS", "").strip():
+        problems.append(
+            "BROKER_THREADS no longer applies: the broker serves with gevent (one process holds up to "
+            "BROKER_WORKER_CONNECTIONS connections); unset it"
+        )
+    if settings.workers > 1 and settings.refresh_coalescing and not settings.redis_url:
+        problems.append(
+            f"BROKER_WORKERS={settings.workers} needs REDIS_URL: without a shared store, identical refreshes "
+            "that land on different worker processes each reach Keycloak, and Keycloak ends the session on the "
+            "second; keep BROKER_WORKERS=1 (one gevent process serves many connections) or set REDIS_URL"
+        )
+    if settings.refresh_answer_limit < settings.read_timeout:
+        problems.append(
+            f"BROKER_REFRESH_ANSWER_LIMIT ({settings.refresh_answer_limit:g}s) must be at least "
+            f"KEYCLOAK_READ_TIMEOUT ({settings.read_timeout:g}s): the broker keeps reading a refresh's answer "
+            "after its caller stopped waiting"
+        )
+    longest = settings.connect_timeout + settings.refresh_answer_limit
+    for name, value in (("BROKER_WORKER_TIMEOUT", settings.worker_timeout),
+                        ("BROKER_GRACEFUL_TIMEOUT", settings.graceful_timeout)):
+        if value <= longest:
+            problems.append(
+                f"{name} ({value}s) must be longer than the longest refresh, KEYCLOAK_CONNECT_TIMEOUT + "
+                f"BROKER_REFRESH_ANSWER_LIMIT ({longest:g}s): otherwise a worker can be stopped while Keycloak "
+                "is answering a refresh, and that answer is lost"
+            )
+    return problems
 
 
 class _Reader:
@@ -271,6 +314,19 @@ def _positive_float(raw: str) -> float:
     if not 0 < value <= 300:
         raise ValueError(f"must be between 0 and 300 seconds, got {raw!r}")
     return value
+
+
+def _seconds_between(low: float, high: float) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds, got {raw!r}")
+        return value
+
+    return convert
 
 
 def _int_between(low: int, high: int) -> Callable[[str], int]:

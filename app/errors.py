@@ -156,6 +156,18 @@ class UpstreamTimeout(BrokerError):
     status, error, message = 504, "upstream_timeout", "The identity provider did not answer in time"
 
 
+# Messages of the 5xx answers under faults (docs/reliability.md): each says what happened and what to do.
+ANSWER_KEPT = (
+    "The identity provider did not answer in time; retry with the same refresh token: its answer is kept "
+    "when it arrives"
+)
+ANSWER_LOST = "The connection to the identity provider broke before its answer arrived; try again"
+UPSTREAM_BUSY = "Too many requests are waiting for the identity provider; try again shortly"
+COORDINATION_UNAVAILABLE = (
+    "The broker cannot coordinate this refresh with its other processes right now; try again shortly"
+)
+
+
 _HTTP_ERRORS: dict[int, type[BrokerError]] = {
     400: InvalidRequest,
     404: NotFound,

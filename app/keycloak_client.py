@@ -5,6 +5,12 @@ and nothing here knows Flask. One pooled keep-alive `requests.Session` is shared
 worker: no per-call state is ever stored on it (python-keycloak's KeycloakOpenID writes per-call
 headers into a shared dict, which is why it is not used here), and its adapter never retries, because
 a replayed refresh-token POST is a reuse and Keycloak ends the session on reuse.
+
+Isolation: at most BROKER_UPSTREAM_CONCURRENCY calls are in flight at once; beyond that a call fails at
+once with 503, so a hung Keycloak holds a bounded number of requests. A refresh is read for up to
+BROKER_REFRESH_ANSWER_LIMIT seconds (its caller may stop waiting earlier; see app.sessions), every other
+call for KEYCLOAK_READ_TIMEOUT. A connection that breaks after the request may have reached Keycloak is
+told apart from one that never connected: the first answers 503 with a message that says so.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from app.config import Settings
 from app.errors import (
+    ANSWER_LOST,
+    UPSTREAM_BUSY,
     BrokerError,
     ClientRejected,
     UpstreamError,
@@ -105,6 +114,8 @@ class KeycloakClient:
         self.settings = settings
         self.session = session or build_session(settings)
         self._timeout = (settings.connect_timeout, settings.read_timeout)
+        self._refresh_timeout = (settings.connect_timeout, settings.refresh_answer_limit)
+        self._slots = threading.BoundedSemaphore(settings.upstream_concurrency)
         self._discovery: dict[str, Any] | None = None
         self._discovery_lock = threading.Lock()
 
@@ -149,7 +160,8 @@ class KeycloakClient:
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         if scope is not None:
             form["scope"] = scope
-        return TokenSet.from_response(self._token_call(REFRESH, self.discovery()["token_endpoint"], form))
+        url = self.discovery()["token_endpoint"]
+        return TokenSet.from_response(self._token_call(REFRESH, url, form, timeout=self._refresh_timeout))
 
     def logout(self, refresh_token: str) -> None:
         """End the Keycloak session the refresh token belongs to; raise BrokerError if Keycloak refuses."""
@@ -176,10 +188,12 @@ class KeycloakClient:
             raise UpstreamError()
         return body["active"]
 
-    def _token_call(self, operation: str, url: str, form: dict[str, str]) -> Any:
+    def _token_call(
+        self, operation: str, url: str, form: dict[str, str], timeout: tuple[float, float] | None = None
+    ) -> Any:
         """POST a client-authenticated form; return the JSON body of a success or raise the mapped error."""
         form = {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret, **form}
-        response = self._send(operation, "POST", url, data=form)
+        response = self._send(operation, "POST", url, data=form, timeout=timeout or self._timeout)
         if operation == LOGOUT and response.status_code in (200, 204) and not response.content:
             return None  # Keycloak answers 204; an empty 200 means the same
         body = _json(response)
@@ -221,32 +235,60 @@ class KeycloakClient:
             )
         return outcome
 
-    def _send(self, operation: str, method: str, url: str, **kwargs: Any) -> requests.Response:
+    def _send(self, operation: str, method: str, url: str, *, timeout: tuple[float, float] | None = None,
+              **kwargs: Any) -> requests.Response:
         """One HTTP exchange with our timeouts; network failures become 503/504 BrokerErrors."""
+        if not self._slots.acquire(blocking=False):
+            log.warning("%d calls to Keycloak are already in flight (BROKER_UPSTREAM_CONCURRENCY); refusing %s",
+                        self.settings.upstream_concurrency, operation)
+            KEYCLOAK_LATENCY.labels(operation, "busy").observe(0.0)
+            raise UpstreamUnavailable(UPSTREAM_BUSY)
+        timeout = timeout or self._timeout
         started = time.perf_counter()
         failure: str | None = None
         status: int | None = None
         try:
-            response = self.session.request(method, url, timeout=self._timeout, allow_redirects=False, **kwargs)
+            response = self.session.request(method, url, timeout=timeout, allow_redirects=False, **kwargs)
             status = response.status_code
             return response
-        except (requests.ConnectTimeout, requests.ConnectionError) as exc:
+        except requests.exceptions.SSLError as exc:
             failure = "unreachable"
-            if isinstance(exc, requests.exceptions.SSLError):
-                log.error("TLS failure talking to Keycloak during %s: %s; check KEYCLOAK_CA_BUNDLE", operation, exc)
-            else:
-                log.warning("Keycloak unreachable during %s: %s", operation, type(exc).__name__)
+            log.error("TLS failure talking to Keycloak during %s: %s; check KEYCLOAK_CA_BUNDLE", operation, exc)
+            raise UpstreamUnavailable() from None
+        except (requests.ConnectTimeout, requests.ConnectionError) as exc:
+            if _broke_after_sending(exc):
+                failure = "lost"
+                log.warning("the connection to Keycloak broke during %s before its answer arrived", operation)
+                raise UpstreamUnavailable(ANSWER_LOST) from None
+            failure = "unreachable"
+            log.warning("Keycloak unreachable during %s: %s", operation, type(exc).__name__)
             raise UpstreamUnavailable() from None
         except requests.Timeout:
             failure = "timeout"
-            log.warning("Keycloak did not answer %s within %.1fs", operation, self.settings.read_timeout)
+            log.warning("Keycloak did not answer %s within %.1fs", operation, timeout[1])
             raise UpstreamTimeout() from None
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
+            failure = "lost"
+            log.warning("the connection to Keycloak broke during %s in the middle of its answer", operation)
+            raise UpstreamUnavailable(ANSWER_LOST) from None
         except requests.RequestException as exc:
             failure = "error"
             log.warning("Keycloak %s failed: %s", operation, type(exc).__name__)
             raise UpstreamError() from None
         finally:
+            self._slots.release()
             KEYCLOAK_LATENCY.labels(operation, keycloak_outcome(status, failure)).observe(time.perf_counter() - started)
+
+
+def _broke_after_sending(exc: requests.RequestException) -> bool:
+    """Whether a connection broke once the request was on its way (not: no connection could be made).
+
+    urllib3 reports a connection that was reset or closed while the request was sent or the answer read as
+    a ProtocolError (a read timeout in the middle of the body as ReadTimeoutError); with retries off it is
+    re-raised as it is, not wrapped in MaxRetryError, which is how failed connection attempts arrive.
+    """
+    reason = exc.args[0] if exc.args else None
+    return not isinstance(exc, requests.ConnectTimeout) and isinstance(reason, (ProtocolError, ReadTimeoutError))
 
 
 def _json(response: requests.Response) -> Any:

@@ -8,36 +8,14 @@ own loggers through the same formatter.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from datetime import datetime, timezone
 
-from flask import Response, g, has_request_context, request
+from flask import Response, g, request
+
+from app.log_format import JsonFormatter, RepeatFilter  # noqa: F401 - JsonFormatter is this module's public name too
 
 access_log = logging.getLogger("app.access")
-
-# Attributes a LogRecord always has; anything else was passed with `extra=` and belongs in the line.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, and the record's extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if has_request_context() and "request_id" in g:
-            entry["request_id"] = g.request_id
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
 
 def start_request() -> None:
     """Note when the request started, for its duration."""
@@ -60,3 +38,17 @@ def log_request(response: Response) -> None:
             "error": g.get("error_code"),
         },
     )
+
+
+# Loggers whose lines repeat once per request while a dependency is out: one line per interval is enough.
+# (app.shared_store logs Redis outages once per outage by itself, through its circuit breaker.)
+OUTAGE_LOGGERS = ("app.keycloak_client", "app.sessions", "flask-limiter")
+
+
+def throttle_outage_logs(interval: float = 10.0) -> None:
+    """Let each outage message through once per `interval` seconds; a new app starts with a fresh count."""
+    for name in OUTAGE_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, RepeatFilter)]:
+            logger.removeFilter(old)
+        logger.addFilter(RepeatFilter(interval))

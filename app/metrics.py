@@ -30,7 +30,10 @@ KEYCLOAK_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 REFRESHES = Counter(
-    "broker_refreshes", "Refresh requests by how they were served: upstream (a Keycloak grant) or coalesced", ["kind"]
+    "broker_refreshes",
+    "Refresh requests by how they were served: upstream (a Keycloak grant) or coalesced; caller_gave_up counts "
+    "callers that stopped waiting while their refresh went on",
+    ["kind"],
 )
 KEY_FETCHES = Counter("broker_jwks_fetches", "Fetches of the realm's signing keys, by outcome", ["outcome"])
 RATE_LIMITED = Counter("broker_rate_limited", "Requests refused by a rate limit, by endpoint", ["endpoint"])
@@ -41,7 +44,7 @@ TOKEN_VALIDATIONS = Counter(
 
 
 def keycloak_outcome(status: int | None, failure: str | None = None) -> str:
-    """A low-cardinality outcome label for a Keycloak call: ok, refused, error, unreachable or timeout."""
+    """A low-cardinality outcome label for a Keycloak call: ok, refused, error, unreachable, lost, busy or timeout."""
     if failure is not None:
         return failure
     if status is None or status >= 500:

@@ -2,8 +2,10 @@
 
 Limits come from BROKER_RATE_LIMIT_*; counters live in memory (per worker) or, with REDIS_URL, in Redis
 (shared by every worker and instance). The per-username login limit counts only refused logins (401), so
-a user who types the password right is never slowed down by it. When the counter store fails, requests
-are let through and the failure is logged: an outage of Redis must not lock everybody out.
+a user who types the password right is never slowed down by it. When Redis fails, each worker falls back
+to counters in memory (per client address, at the refresh limit) and retries Redis now and then: an outage
+of Redis must neither lock everybody out nor hold requests up (Redis commands time out after
+BROKER_REDIS_TIMEOUT seconds), and it is logged once, not per request.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def install(app: Flask, settings: Settings) -> Limiter:
         strategy="fixed-window",
         enabled=settings.rate_limits_enabled,
         swallow_errors=True,
+        storage_options={"socket_timeout": settings.redis_timeout, "socket_connect_timeout": settings.redis_timeout}
+        if settings.redis_url else {},
+        in_memory_fallback_enabled=bool(settings.redis_url),
+        in_memory_fallback=[settings.rate_limit_refresh] if settings.redis_url else None,
         headers_enabled=False,
         on_breach=_refuse,  # its response travels on flask-limiter's RateLimitExceeded (see errors.py)
     )

@@ -5,16 +5,25 @@ session. Browsers send such second uses all the time (two tabs, retrying interce
 that all saw a 401). `RefreshCoalescer` makes them harmless: every refresh presenting the same refresh
 token and scope within a short window gets the result of exactly one Keycloak call.
 
-- In a process: single-flight. The first caller (the leader) calls Keycloak; callers arriving while it
-  runs wait for its result; callers arriving within `grace` seconds afterwards get it from a memo.
-- Across gunicorn workers and broker instances (when a Redis is configured): the leader of each process
-  first takes a Redis lock (SET NX with a lease longer than a Keycloak call can take), calls Keycloak and
-  stores the outcome for `grace` seconds; the other processes wait for that stored outcome.
+- In a process: single-flight. The first caller starts a flight (the Keycloak call runs in a task of its
+  own); callers arriving while it is in the air join it; callers arriving within `grace` seconds after it
+  landed get its outcome from a memo.
+- No lost answers: a caller waits at most `wait` seconds, but the flight goes on until Keycloak answers
+  (bounded by the client's own answer limit), and its outcome is kept for `grace` seconds from then. A
+  caller that gave up (504) or whose connection dropped gets the new tokens when it retries the same token.
+- Across gunicorn workers and broker instances (when a Redis is configured): the flight first takes a Redis
+  lock (SET NX with a lease longer than a refresh can take), calls Keycloak and stores the outcome; flights
+  of the same token in other processes wait for that stored outcome. Redis sits behind a circuit breaker
+  (app/shared_store.py); when it is out, one worker process coalesces on its own, and several workers answer
+  503 rather than risk a second use of the token.
+
+Only outcomes that say what became of the token are kept for the grace window: new tokens, and Keycloak's
+refusals. A failure that leaves the token's fate unknown or untouched (Keycloak unreachable, a lost answer,
+a 5xx) is shared with the callers already waiting, then forgotten, so the next retry asks Keycloak again.
 
 Nothing stored is useful to someone who can read Redis or a memory dump of it: entries are named by a
 keyed hash of the token, and the outcome is encrypted with AES-GCM under a key derived (HKDF) from the
-refresh token itself, so only a caller who already holds the token can read the tokens it was exchanged
-for. Failures are shared the same way: every caller of a coalesced refresh gets the same answer.
+refresh token itself, so only a caller who already holds the token can read the tokens it was exchanged for.
 """
 
 from __future__ import annotations
@@ -30,14 +39,22 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from cryptography.exceptions import InvalidTag
-from redis.exceptions import RedisError
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from app.errors import BrokerError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from app.errors import (
+    ANSWER_KEPT,
+    ANSWER_LOST,
+    COORDINATION_UNAVAILABLE,
+    BrokerError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from app.keycloak_client import TokenSet
 from app.metrics import REFRESHES
+from app.shared_store import SharedStore, SharedStoreDown
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +104,7 @@ def unseal(key: FlightKey, blob: bytes) -> Outcome:
 
 
 class _Flight:
-    """One in-process refresh in the air: its outcome, once known, and when it stops being shared."""
+    """One refresh in the air in this process: its outcome, once known, and when it stops being shared."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -95,36 +112,52 @@ class _Flight:
         self.expires = float("inf")
 
 
+def keeps(outcome: Outcome) -> bool:
+    """Whether an outcome says what became of the token (new tokens or a refusal), so retries may reuse it."""
+    return isinstance(outcome, TokenSet) or outcome.status < 500
+
+
+# How long an outcome that is not kept stays in Redis: long enough for waiting processes to read it.
+SHARE_BRIEFLY_SECONDS = 1.0
+
+
 class RedisOutcomes:
-    """Cross-process coordination in Redis: a lock with a lease per refresh, and sealed outcomes."""
+    """Cross-process coordination in Redis: a lock with a lease per refresh, and sealed outcomes.
+
+    Every call goes through `store` (app.shared_store.SharedStore, with its circuit breaker) and raises
+    SharedStoreDown when Redis cannot be used.
+    """
 
     PREFIX = "token-broker:refresh:"
 
-    def __init__(self, client: Any, *, lease: float, poll_interval: float = 0.02):
-        self.redis = client
+    def __init__(self, store: SharedStore, *, lease: float, poll_interval: float = 0.02):
+        self.store_ = store
         self.lease = lease
         self.poll_interval = poll_interval
 
     def claim(self, key: FlightKey, owner: str) -> bool:
         """Take the cross-process lead for this refresh; False when another process holds it."""
-        return bool(self.redis.set(f"{self.PREFIX}lock:{key.name}", owner, nx=True, px=int(self.lease * 1000)))
+        return bool(self.store_.call(lambda r: r.set(f"{self.PREFIX}lock:{key.name}", owner, nx=True,
+                                                     px=int(self.lease * 1000))))
 
     def release(self, key: FlightKey, owner: str) -> None:
         """Drop the lock if it is still ours (a lease that ran out may already belong to someone else)."""
-        self.redis.eval(
+        self.store_.call(lambda r: r.eval(
             "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
             1, f"{self.PREFIX}lock:{key.name}", owner,
-        )
+        ))
 
     def store(self, key: FlightKey, outcome: Outcome, grace: float) -> None:
-        self.redis.set(f"{self.PREFIX}outcome:{key.name}", seal(key, outcome), px=max(1, int(grace * 1000)))
+        ttl = grace if keeps(outcome) else min(grace, SHARE_BRIEFLY_SECONDS)
+        blob = seal(key, outcome)
+        self.store_.call(lambda r: r.set(f"{self.PREFIX}outcome:{key.name}", blob, px=max(1, int(ttl * 1000))))
 
     def load(self, key: FlightKey) -> Outcome | None:
-        blob = self.redis.get(f"{self.PREFIX}outcome:{key.name}")
+        blob = self.store_.call(lambda r: r.get(f"{self.PREFIX}outcome:{key.name}"))
         return unseal(key, blob) if blob is not None else None
 
     def locked(self, key: FlightKey) -> bool:
-        return bool(self.redis.exists(f"{self.PREFIX}lock:{key.name}"))
+        return bool(self.store_.call(lambda r: r.exists(f"{self.PREFIX}lock:{key.name}")))
 
 
 class RefreshCoalescer:
@@ -135,20 +168,31 @@ class RefreshCoalescer:
         refresh: Refresh,
         *,
         grace: float,
+        wait: float = 30.0,
         shared: RedisOutcomes | None = None,
+        shared_required: bool = False,
         prepare: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._refresh = refresh
         self._prepare = prepare
         self._grace = grace
+        self._wait = wait
         self._shared = shared
+        # Several worker processes and no Redis: refreshing anyway could be a second use of the token.
+        self._shared_required = shared_required
         self._clock = clock
         self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
+        self._in_air = 0
+        self._landed = threading.Condition(self._lock)
 
     def refresh(self, refresh_token: str, scope: str | None = None) -> TokenSet:
-        """The outcome of refreshing `refresh_token`: a TokenSet, or the BrokerError every caller shares."""
+        """The outcome of refreshing `refresh_token`: a TokenSet, or the BrokerError every caller shares.
+
+        Raises UpstreamTimeout when the flight is still in the air after `wait` seconds; it goes on, and a
+        retry with the same token joins it or gets its outcome.
+        """
         key = FlightKey.of(refresh_token, scope)
         with self._lock:
             self._forget_expired()
@@ -156,35 +200,57 @@ class RefreshCoalescer:
             leader = flight is None
             if leader:
                 flight = self._flights[key.name] = _Flight()
+                self._in_air += 1
         if leader:
-            try:
-                flight.outcome = self._lead(key, refresh_token, scope)
-            except BrokerError as exc:
-                flight.outcome = exc
-            except BaseException:
-                # A bug (or a worker timeout): forget the flight so later refreshes are not stuck behind it.
-                with self._lock:
-                    self._flights.pop(key.name, None)
-                flight.outcome = UpstreamError()
-                raise
-            finally:
-                flight.expires = self._clock() + self._grace
-                flight.done.set()
+            # The flight runs on its own, so it survives its caller giving up or disconnecting.
+            threading.Thread(target=self._fly, args=(flight, key, refresh_token, scope),
+                             name="refresh-flight", daemon=True).start()
         else:
             REFRESHES.labels("coalesced").inc()
-            flight.done.wait()
+        if not flight.done.wait(self._wait):
+            REFRESHES.labels("caller_gave_up").inc()
+            raise UpstreamTimeout(ANSWER_KEPT)
         return _deliver(flight.outcome)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every flight in the air has landed (at most `timeout` seconds); True when none is left."""
+        deadline = time.monotonic() + timeout
+        with self._landed:
+            while self._in_air:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._landed.wait(left)
+        return True
+
+    def _fly(self, flight: _Flight, key: FlightKey, refresh_token: str, scope: str | None) -> None:
+        try:
+            outcome = self._lead(key, refresh_token, scope)
+        except BrokerError as exc:
+            outcome = exc
+        except BaseException:  # a bug: the waiting callers get a 502, later refreshes are not stuck behind it
+            log.exception("refresh flight failed")
+            outcome = UpstreamError()
+        with self._lock:
+            flight.outcome = outcome
+            if keeps(outcome):
+                flight.expires = self._clock() + self._grace
+            elif self._flights.get(key.name) is flight:
+                del self._flights[key.name]  # nothing learnt about the token: the next retry asks Keycloak
+            self._in_air -= 1
+            self._landed.notify_all()
+        flight.done.set()
 
     def _lead(self, key: FlightKey, refresh_token: str, scope: str | None) -> Outcome:
         if self._shared is None:
             return self._call(refresh_token, scope)
         try:
             return self._lead_across_processes(key, refresh_token, scope)
-        except RedisError as exc:
-            # Redis is a helper, not a dependency: without it, coalescing still holds within this process.
-            log.warning("Redis unavailable for refresh coalescing (%s); coalescing within this process only",
-                        type(exc).__name__)
-            return self._call(refresh_token, scope)
+        except SharedStoreDown:
+            # Nothing was sent to Keycloak yet (the store fails before a claim, or while the lock is ours).
+            if self._shared_required:
+                return UpstreamUnavailable(COORDINATION_UNAVAILABLE)
+            return self._call(refresh_token, scope)  # one process: coalescing within it is complete
 
     def _call(self, refresh_token: str, scope: str | None) -> Outcome:
         REFRESHES.labels("upstream").inc()
@@ -198,16 +264,28 @@ class RefreshCoalescer:
         if self._prepare is not None:
             self._prepare()  # e.g. fetch the discovery document now, so it does not eat into the lease
         owner = os.urandom(16).hex()
+        stored = self._load(key)
+        if stored is not None:
+            REFRESHES.labels("coalesced").inc()
+            return stored
+        if shared.claim(key, owner):
+            return self._grant_and_share(key, owner, refresh_token, scope)
+        try:
+            return self._wait_for_other_process(key)
+        except SharedStoreDown:
+            # Another process holds the lead and may be spending the token: refreshing here could be a reuse.
+            log.warning("Redis failed while waiting for another process's refresh of the same token")
+            return UpstreamUnavailable(COORDINATION_UNAVAILABLE)
+
+    def _wait_for_other_process(self, key: FlightKey) -> Outcome:
+        shared = self._shared
         deadline = self._clock() + shared.lease + 1.0
-        saw_other_leader = False
         while True:
+            time.sleep(shared.poll_interval)
             stored = self._load(key)
             if stored is not None:
                 REFRESHES.labels("coalesced").inc()
                 return stored
-            if not saw_other_leader and shared.claim(key, owner):
-                return self._grant_and_share(key, owner, refresh_token, scope)
-            saw_other_leader = True
             if not shared.locked(key):
                 # The other leader is gone without sharing an outcome (it crashed, or Redis failed under it).
                 # It may have spent the token: refreshing it again here could be a reuse that ends the session.
@@ -215,33 +293,29 @@ class RefreshCoalescer:
                 if stored is not None:
                     REFRESHES.labels("coalesced").inc()
                     return stored
-                log.warning("another instance's refresh of the same token ended without an outcome")
-                return UpstreamUnavailable()
+                log.warning("another process's refresh of the same token ended without an outcome")
+                return UpstreamUnavailable(ANSWER_LOST)
             if self._clock() > deadline:
-                log.warning("gave up waiting for another instance's refresh of the same token")
+                log.warning("gave up waiting for another process's refresh of the same token")
                 return UpstreamTimeout()
-            time.sleep(shared.poll_interval)
 
     def _grant_and_share(self, key: FlightKey, owner: str, refresh_token: str, scope: str | None) -> Outcome:
         """As the cross-process leader: one Keycloak call, its outcome stored, then the lock released."""
         shared = self._shared
         stored = self._load(key)  # another process may have finished between our look and our claim
         if stored is not None:
-            shared.release(key, owner)
+            _quietly(shared.release, key, owner)
             REFRESHES.labels("coalesced").inc()
             return stored
         outcome = self._call(refresh_token, scope)
         # From here on the token may be spent: a Redis failure must not make anyone refresh it again.
         try:
             shared.store(key, outcome, self._grace)
-        except RedisError as exc:
+        except SharedStoreDown:
             # Keep the lock (its lease runs out by itself): waiters then answer 503 instead of refreshing.
-            log.warning("could not share a refresh outcome through Redis (%s)", type(exc).__name__)
+            log.warning("could not share a refresh outcome through Redis")
             return outcome
-        try:
-            shared.release(key, owner)
-        except RedisError:
-            pass  # the lease runs out by itself
+        _quietly(shared.release, key, owner)
         return outcome
 
     def _load(self, key: FlightKey) -> Outcome | None:
@@ -255,6 +329,13 @@ class RefreshCoalescer:
         now = self._clock()
         for name in [n for n, f in self._flights.items() if f.done.is_set() and f.expires <= now]:
             del self._flights[name]
+
+
+def _quietly(call: Callable[..., object], *args: object) -> None:
+    try:
+        call(*args)
+    except SharedStoreDown:
+        pass  # the lock's lease runs out by itself
 
 
 class UncoalescedRefresh:

@@ -107,12 +107,11 @@ def main() -> None:
         processes.append(redis_server)
         admin = KeycloakAdmin(server_url=f"http://127.0.0.1:{KC_PORT}/", username="admin", password="admin",
                               realm_name="demo", user_realm_name="master")
-        threads = str(args.parallel + 4)
         setups = [
-            ("1 worker, coalescing", dict(BROKER_WORKERS="1", BROKER_THREADS=threads)),
-            ("3 workers, coalescing via Redis", dict(BROKER_WORKERS="3", BROKER_THREADS=threads,
+            ("1 worker, coalescing", dict(BROKER_WORKERS="1")),
+            ("3 workers, coalescing via Redis", dict(BROKER_WORKERS="3",
                                                      REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0")),
-            ("1 worker, coalescing off", dict(BROKER_WORKERS="1", BROKER_THREADS=threads,
+            ("1 worker, coalescing off", dict(BROKER_WORKERS="1",
                                               BROKER_REFRESH_COALESCING="false")),
         ]
         print(f"{args.parallel} concurrent refreshes of one refresh token, {args.rounds} rounds per setup; "

@@ -9,7 +9,7 @@ ratios. It is a benchmark, not a test: it asserts nothing about speed, it report
 Usage (after `make install`, from anywhere):
 
     .venv/bin/python bench/verify_vs_introspection.py [--concurrency 16] [--duration 10] [--warmup 30]
-        [--rounds 1] [--order broker-first|keycloak-first] [--workers N] [--threads N]
+        [--rounds 1] [--order broker-first|keycloak-first] [--workers N]
         [--procs N] [--client raw|http.client] [--max-requests N] [--with-health] [--json]
 
 It takes about a minute to start Keycloak, then (warm-up + duration) per target and round.
@@ -20,7 +20,7 @@ What it does, step by step:
    KC_MANAGEMENT_PORT=29000: a fresh server with keycloak-realm.json imported; state in
    .run/keycloak-28080) and the broker with `.venv/bin/python -m gunicorn --config gunicorn.conf.py`
    on 127.0.0.1:28000 (KEYCLOAK_URL=http://127.0.0.1:28080, the shipped realm's local secret; the
-   broker's own BROKER_WORKERS/BROKER_THREADS defaults unless --workers/--threads say otherwise; every
+   broker's own BROKER_WORKERS default (one gevent worker) unless --workers says otherwise; every
    other KEYCLOAK_*/BROKER_* variable of the caller's environment is dropped). The broker's log goes to
    .run/bench/broker-28000.log. Both are stopped at the end, also on Ctrl-C, SIGTERM or failure.
    It refuses to start when one of the three ports is already taken.
@@ -535,8 +535,6 @@ class Servers:
         )
         if self.args.workers is not None:
             env["BROKER_WORKERS"] = str(self.args.workers)
-        if self.args.threads is not None:
-            env["BROKER_THREADS"] = str(self.args.threads)
         self.broker_log.parent.mkdir(parents=True, exist_ok=True)
         python = REPO / ".venv" / "bin" / "python"
         log(f"starting the broker on {HOST}:{self.args.broker_port} (gunicorn, log in {self.broker_log})")
@@ -681,17 +679,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def broker_settings(args: argparse.Namespace) -> tuple[int, int]:
-    """The workers and threads the broker runs with (its own defaults unless the flags set them)."""
+def broker_settings(args: argparse.Namespace) -> int | str:
+    """The gevent worker processes the broker runs with (its own default unless --workers sets it)."""
     try:
         sys.path.insert(0, str(REPO))
         from app.config import Settings
 
-        workers, threads = Settings.workers, Settings.threads
+        workers = Settings.workers
     except Exception:  # noqa: BLE001 - only for the report
-        workers, threads = "default", "default"
-    return (args.workers if args.workers is not None else workers,
-            args.threads if args.threads is not None else threads)
+        workers = "default"
+    return args.workers if args.workers is not None else workers
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -727,7 +724,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"parameters: concurrency {p['concurrency']} keep-alive connections, warm-up {p['warmup_s']:g} s "
           f"(later rounds {p['later_warmup_s']:g} s), measured {p['duration_s']:g} s per target and round, "
           f"{p['rounds']} round(s), order {p['order']} (alternating), generator {p['generator_processes']} "
-          f"processes ({p['client']} client), broker {p['broker_workers']} workers x {p['broker_threads']} threads")
+          f"processes ({p['client']} client), broker {p['broker_workers']} gevent worker(s)")
     print("columns: srv/gen CPU = CPU time per request of the server's processes / of the load generator; "
           "srv cores = the server's CPU use; others = CPU cores used by everything else on the machine meanwhile")
     if len(report["rounds"]) > 1:
@@ -771,8 +768,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure each target this many times, alternating the order (1, max 5)")
     parser.add_argument("--with-health", action="store_true",
                         help="also measure the broker's GET /health: the framework's floor, no token work")
-    parser.add_argument("--workers", type=int, default=None, help="BROKER_WORKERS (default: the broker's own)")
-    parser.add_argument("--threads", type=int, default=None, help="BROKER_THREADS (default: the broker's own)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="BROKER_WORKERS (default: the broker's own; more than 1 needs REDIS_URL)")
     parser.add_argument("--keycloak-port", type=int, default=28080)
     parser.add_argument("--management-port", type=int, default=29000)
     parser.add_argument("--broker-port", type=int, default=28000)
@@ -805,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     machine = machine_info()
-    workers, threads = broker_settings(args)
+    workers = broker_settings(args)
     servers = Servers(args)
     shown = ["broker", "keycloak", "health"] if args.with_health else ["broker", "keycloak"]
     parts: dict[str, list[dict[str, Any]]] = {name: [] for name in shown}
@@ -846,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency, "warmup_s": args.warmup, "later_warmup_s": min(args.warmup, LATER_WARMUP),
             "duration_s": args.duration, "rounds": args.rounds, "max_requests": args.max_requests,
             "generator_processes": min(args.procs, args.concurrency), "client": args.client, "order": args.order,
-            "broker_workers": workers, "broker_threads": threads, "with_health": args.with_health,
+            "broker_workers": workers, "with_health": args.with_health,
             "command": " ".join([".venv/bin/python", "bench/verify_vs_introspection.py",
                                  *(sys.argv[1:] if argv is None else argv)]),
         },

@@ -153,7 +153,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
         try:
             requests.get(url, timeout=1)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a worker still booting
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
@@ -209,13 +209,12 @@ def broker_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def broker_url(keycloak_server: KeycloakServer, broker_log: Path) -> Iterator[str]:
-    """The real broker under gunicorn (2 threaded workers), pointed at the test Keycloak.
+    """The real broker under gunicorn with its default process model (one gevent worker), at the test Keycloak.
 
     The whole suite logs in from one address, so this broker runs without rate limits (their tests start
     brokers of their own), and with a one-second refresh grace window so replays can be tested quickly.
     """
-    env = broker_env(keycloak_server, BROKER_WORKERS="2", BROKER_THREADS="8", BROKER_RATE_LIMITS_ENABLED="false",
-                     BROKER_REFRESH_GRACE_SECONDS="1")
+    env = broker_env(keycloak_server, BROKER_RATE_LIMITS_ENABLED="false", BROKER_REFRESH_GRACE_SECONDS="1")
     proc = _start_broker(env, BROKER_PORT, broker_log)
     try:
         yield f"http://127.0.0.1:{BROKER_PORT}"

@@ -299,10 +299,12 @@ def test_the_broker_log_is_json_and_holds_no_secret(broker, broker_log):
                                                    "MARKER-9e0f", "alice-password", "token-broker-local-secret"))
 
 
-def test_metrics_are_summed_across_workers(broker):
-    """/metrics under gunicorn with two workers adds up every worker's samples."""
+def test_metrics_are_summed_across_workers(start_broker, redis_url):
+    """/metrics under gunicorn with two workers (so with Redis, as the settings require) adds up every worker's samples."""
+    url = start_broker(BROKER_WORKERS="2", REDIS_URL=redis_url)
+
     def count() -> float:
-        text = broker.http.get(broker.url + "/metrics", timeout=10).text
+        text = requests.get(url + "/metrics", timeout=10).text
         for line in text.splitlines():
             if line.startswith('broker_http_requests_total{method="GET",route="/health",status="200"}'):
                 return float(line.split()[-1])
@@ -310,5 +312,5 @@ def test_metrics_are_summed_across_workers(broker):
 
     before = count()
     for _ in range(20):  # new connections, so both workers take some
-        assert requests.get(broker.url + "/health", timeout=10).status_code == 200
+        assert requests.get(url + "/health", timeout=10).status_code == 200
     assert count() - before == 20

@@ -52,19 +52,19 @@ def now_ms() -> int:
 @pytest.fixture(scope="module")
 def one_worker(start_broker) -> str:
     """A broker with one gunicorn worker (coalescing in process only)."""
-    return start_broker(BROKER_WORKERS="1", BROKER_THREADS=str(PARALLEL + 4))
+    return start_broker(BROKER_WORKERS="1")
 
 
 @pytest.fixture(scope="module")
 def one_worker_uncoalesced(start_broker) -> str:
     """The same broker with coalescing switched off: the failure the feature exists for."""
-    return start_broker(BROKER_WORKERS="1", BROKER_THREADS=str(PARALLEL + 4), BROKER_REFRESH_COALESCING="false")
+    return start_broker(BROKER_WORKERS="1", BROKER_REFRESH_COALESCING="false")
 
 
 @pytest.fixture(scope="module")
 def workers_with_redis(start_broker, redis_url) -> str:
     """A broker with three gunicorn workers that coalesce through Redis."""
-    return start_broker(BROKER_WORKERS="3", BROKER_THREADS="8", REDIS_URL=redis_url)
+    return start_broker(BROKER_WORKERS="3", REDIS_URL=redis_url)
 
 
 @pytest.mark.parametrize("broker", ["one_worker", "workers_with_redis"])

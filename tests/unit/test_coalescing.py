@@ -9,9 +9,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from app.errors import BrokerError, RefreshRejected, UpstreamUnavailable
+from app.errors import (
+    ANSWER_KEPT,
+    COORDINATION_UNAVAILABLE,
+    BrokerError,
+    RefreshRejected,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from app.keycloak_client import TokenSet
 from app.sessions import FlightKey, RedisOutcomes, RefreshCoalescer, seal, unseal
+from app.shared_store import SharedStore, SharedStoreDown
 
 TOKENS = TokenSet(access_token="AT-MARKER-new", token_type="Bearer", expires_in=300,
                   refresh_token="RT-MARKER-new", refresh_expires_in=1800, scope="openid")
@@ -45,7 +54,7 @@ def redis_client(redis_url):
 
 def processes(keycloak: Keycloak, redis_client, count: int, grace: float = 5.0) -> list[RefreshCoalescer]:
     """`count` coalescers that share only Redis, as separate gunicorn workers or instances would."""
-    return [RefreshCoalescer(keycloak, grace=grace, shared=RedisOutcomes(redis_client, lease=5.0))
+    return [RefreshCoalescer(keycloak, grace=grace, shared=RedisOutcomes(SharedStore(redis_client, retry_seconds=0.1), lease=5.0))
             for _ in range(count)]
 
 
@@ -115,7 +124,7 @@ def test_a_crashed_leader_blocks_others_only_until_its_lease_ends(redis_client):
     """A lock left by a dead process: waiters answer 503 once its lease runs out (it may have spent the token);
     the client's next attempt finds no lock and refreshes."""
     keycloak = Keycloak(delay=0)
-    shared = RedisOutcomes(redis_client, lease=0.3)
+    shared = RedisOutcomes(SharedStore(redis_client, retry_seconds=0.1), lease=0.3)
     assert shared.claim(FlightKey.of("rt", None), "dead-process")
     coalescer = RefreshCoalescer(keycloak, grace=5, shared=shared)
     started = time.monotonic()
@@ -132,7 +141,7 @@ def test_an_unreachable_redis_degrades_to_in_process_coalescing():
     """With Redis down, refreshes still work and still coalesce within the process."""
     keycloak = Keycloak(delay=0.2)
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(dead, lease=5.0))
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(SharedStore(dead, retry_seconds=0.1), lease=5.0))
     with ThreadPoolExecutor(max_workers=5) as pool:
         results = list(pool.map(lambda _: coalescer.refresh("rt"), range(5)))
     assert results == [TOKENS] * 5 and keycloak.grants == 1
@@ -142,16 +151,16 @@ class _FailingStore(RedisOutcomes):
     """Redis that takes the lock but fails when the outcome is stored, and when the lock is released."""
 
     def store(self, key, outcome, grace):
-        raise redis.ConnectionError("lost Redis after the grant")
+        raise SharedStoreDown("lost Redis after the grant")
 
     def release(self, key, owner):
-        raise redis.ConnectionError("still lost")
+        raise SharedStoreDown("still lost")
 
 
 def test_redis_failing_after_the_grant_never_causes_a_second_grant(redis_client):
     """Once Keycloak has answered, a Redis failure is logged and the outcome returned: no second refresh."""
     keycloak = Keycloak(delay=0)
-    coalescer = RefreshCoalescer(keycloak, grace=5, shared=_FailingStore(redis_client, lease=5.0))
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=_FailingStore(SharedStore(redis_client, retry_seconds=0.1), lease=5.0))
     assert coalescer.refresh("rt") == TOKENS
     assert keycloak.grants == 1
 
@@ -164,14 +173,14 @@ class _StoreFailsOnce(RedisOutcomes):
     def store(self, key, outcome, grace):
         if not _StoreFailsOnce.failed:
             _StoreFailsOnce.failed = True
-            raise redis.ConnectionError("blip")
+            raise SharedStoreDown("blip")
         super().store(key, outcome, grace)
 
 
 def test_a_lost_outcome_is_never_refreshed_again_by_another_process(redis_client):
     """Leader's outcome not stored: waiting processes answer 503 rather than spend the token a second time."""
     keycloak = Keycloak(delay=0.2)
-    coalescers = [RefreshCoalescer(keycloak, grace=5, shared=_StoreFailsOnce(redis_client, lease=0.6))
+    coalescers = [RefreshCoalescer(keycloak, grace=5, shared=_StoreFailsOnce(SharedStore(redis_client, retry_seconds=0.1), lease=0.6))
                   for _ in range(2)]
 
     def attempt(i):
@@ -187,3 +196,121 @@ def test_a_lost_outcome_is_never_refreshed_again_by_another_process(redis_client
         results = [first.result(), second.result()]
     assert keycloak.grants == 1
     assert results == [TOKENS, 503]
+
+
+def test_a_caller_that_stops_waiting_gets_the_answer_on_its_retry():
+    """The caller's wait ends (504 that says the answer is kept); the flight lands and the retry gets its tokens."""
+    keycloak = Keycloak(delay=0.4)
+    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.1)
+    with pytest.raises(UpstreamTimeout) as gave_up:
+        coalescer.refresh("rt")
+    assert (gave_up.value.status, gave_up.value.message) == (504, ANSWER_KEPT)
+    assert coalescer.drain(timeout=2)
+    assert coalescer.refresh("rt") == TOKENS
+    assert keycloak.grants == 1
+
+
+def test_a_retry_while_the_flight_is_still_in_the_air_joins_it():
+    """A retry after the caller gave up, while Keycloak is still answering, makes no second grant."""
+    keycloak = Keycloak(delay=0.4)
+    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.1)
+    with pytest.raises(UpstreamTimeout):
+        coalescer.refresh("rt")
+    coalescer._wait = 2.0  # the retrying caller is patient
+    assert coalescer.refresh("rt") == TOKENS
+    assert keycloak.grants == 1
+
+
+@pytest.mark.parametrize(
+    ("outcome", "grants"),
+    [(TOKENS, 1), (RefreshRejected("Session has ended"), 1), (UpstreamUnavailable(), 2), (UpstreamError(), 2),
+     (UpstreamTimeout(), 2)],
+)
+def test_only_outcomes_that_tell_the_tokens_fate_are_kept(outcome, grants):
+    """New tokens and refusals are kept for the grace window; faults are forgotten, so a retry asks Keycloak."""
+    keycloak = Keycloak(outcome=outcome, delay=0)
+    coalescer = RefreshCoalescer(keycloak, grace=5)
+    for _ in range(2):
+        try:
+            coalescer.refresh("rt")
+        except BrokerError:
+            pass
+    assert keycloak.grants == grants
+
+
+def test_drain_waits_for_flights_in_the_air():
+    """drain() returns once every flight has landed, and says False when its timeout came first."""
+    keycloak = Keycloak(delay=0.3)
+    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.01)
+    with pytest.raises(UpstreamTimeout):
+        coalescer.refresh("rt")
+    assert coalescer.drain(timeout=0.05) is False
+    assert coalescer.drain(timeout=2) is True
+    assert keycloak.grants == 1
+
+
+class _Blackhole:
+    """A TCP port that accepts connections and never answers, like a Redis behind a dropped route."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_blackholed_redis_costs_one_timeout_then_nothing_while_the_breaker_is_open():
+    """Redis that never answers: the first refresh waits one socket timeout, the next ones skip Redis at once."""
+    hole = _Blackhole()
+    try:
+        store = SharedStore.from_url(f"redis://127.0.0.1:{hole.port}/0", timeout=0.2, retry_seconds=30)
+        keycloak = Keycloak(delay=0)
+        coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(store, lease=5.0))
+        started = time.monotonic()
+        assert coalescer.refresh("rt-1") == TOKENS
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert coalescer.refresh("rt-2") == TOKENS
+        second = time.monotonic() - started
+        assert first < 1.0 and second < 0.1 and not store.available
+        assert keycloak.grants == 2
+        store.redis.close()
+    finally:
+        hole.close()
+
+
+def test_several_workers_answer_503_rather_than_refresh_without_redis():
+    """With several worker processes, a Redis outage must not let a refresh through uncoordinated."""
+    keycloak = Keycloak(delay=0)
+    dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(SharedStore(dead, retry_seconds=5), lease=5),
+                                 shared_required=True)
+    with pytest.raises(UpstreamUnavailable) as refused:
+        coalescer.refresh("rt")
+    assert (refused.value.status, refused.value.message, keycloak.grants) == (503, COORDINATION_UNAVAILABLE, 0)
+
+
+class _FailsAfterClaim(RedisOutcomes):
+    """Redis that goes away right after another process took the lead."""
+
+    def claim(self, key, owner):
+        return False
+
+    def load(self, key):
+        if getattr(self, "looked", False):
+            raise SharedStoreDown("gone")
+        self.looked = True
+        return None
+
+
+def test_redis_failing_while_another_process_leads_never_refreshes_here(redis_client):
+    """Another process holds the lead when Redis fails: answer 503 instead of spending the token a second time."""
+    keycloak = Keycloak(delay=0)
+    shared = _FailsAfterClaim(SharedStore(redis_client, retry_seconds=5), lease=5.0)
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=shared)
+    with pytest.raises(UpstreamUnavailable) as refused:
+        coalescer.refresh("rt")
+    assert (refused.value.message, keycloak.grants) == (COORDINATION_UNAVAILABLE, 0)

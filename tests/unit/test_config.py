@@ -18,7 +18,9 @@ def test_defaults_point_at_the_local_keycloak_and_shipped_realm():
         "token-broker",
     )
     assert (settings.connect_timeout, settings.read_timeout, settings.max_body_bytes) == (2.0, 10.0, 16384)
-    assert (settings.bind, settings.workers, settings.threads) == ("127.0.0.1:8000", 2, 8)
+    assert (settings.bind, settings.workers, settings.worker_connections) == ("127.0.0.1:8000", 1, 1000)
+    assert (settings.worker_timeout, settings.graceful_timeout, settings.refresh_answer_limit) == (30, 25, 20.0)
+    assert (settings.upstream_concurrency, settings.redis_timeout, settings.redis_retry_seconds) == (32, 0.25, 5.0)
     assert settings.tls_verify is True
     assert settings.realm_url == "http://127.0.0.1:8080/realms/demo"
 
@@ -103,3 +105,64 @@ def test_the_secret_never_appears_in_repr():
     """A logged or printed Settings shows *** for the secret."""
     assert "s3cr3t-value" not in repr(Settings.from_env(BASE))
     assert "s3cr3t-value" not in str(Settings.from_env(BASE))
+
+
+def test_several_workers_without_a_shared_store_are_refused():
+    """BROKER_WORKERS above 1 without REDIS_URL would let duplicates reach Keycloak twice: refused, naming both."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "BROKER_WORKERS": "2"})
+    assert caught.value.problems == [
+        "BROKER_WORKERS=2 needs REDIS_URL: without a shared store, identical refreshes that land on different "
+        "worker processes each reach Keycloak, and Keycloak ends the session on the second; keep "
+        "BROKER_WORKERS=1 (one gevent process serves many connections) or set REDIS_URL"
+    ]
+
+
+@pytest.mark.parametrize("extra", [{"REDIS_URL": "redis://127.0.0.1:6379/0"}, {"BROKER_REFRESH_COALESCING": "false"}])
+def test_several_workers_are_accepted_with_redis_or_without_coalescing(extra):
+    """With a shared store (or coalescing off, for comparisons) several workers start."""
+    assert Settings.from_env({**BASE, "BROKER_WORKERS": "3", **extra}).workers == 3
+
+
+def test_threads_are_refused_because_the_worker_is_gevent():
+    """BROKER_THREADS from the gthread days is refused rather than silently ignored."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "BROKER_THREADS": "8"})
+    assert caught.value.problems == [
+        "BROKER_THREADS no longer applies: the broker serves with gevent (one process holds up to "
+        "BROKER_WORKER_CONNECTIONS connections); unset it"
+    ]
+
+
+def test_timeouts_that_could_cut_a_refresh_short_are_refused():
+    """Worker and graceful timeouts must outlast connect + answer limit; the answer limit covers the read timeout."""
+    env = {**BASE, "KEYCLOAK_READ_TIMEOUT": "15", "BROKER_REFRESH_ANSWER_LIMIT": "12",
+           "BROKER_WORKER_TIMEOUT": "14", "BROKER_GRACEFUL_TIMEOUT": "10"}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.problems == [
+        "BROKER_REFRESH_ANSWER_LIMIT (12s) must be at least KEYCLOAK_READ_TIMEOUT (15s): the broker keeps "
+        "reading a refresh's answer after its caller stopped waiting",
+        "BROKER_WORKER_TIMEOUT (14s) must be longer than the longest refresh, KEYCLOAK_CONNECT_TIMEOUT + "
+        "BROKER_REFRESH_ANSWER_LIMIT (14s): otherwise a worker can be stopped while Keycloak is answering a "
+        "refresh, and that answer is lost",
+        "BROKER_GRACEFUL_TIMEOUT (10s) must be longer than the longest refresh, KEYCLOAK_CONNECT_TIMEOUT + "
+        "BROKER_REFRESH_ANSWER_LIMIT (14s): otherwise a worker can be stopped while Keycloak is answering a "
+        "refresh, and that answer is lost",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "problem"),
+    [
+        ("BROKER_REDIS_TIMEOUT", "0", "must be between 0.01 and 10 seconds, got '0'"),
+        ("BROKER_REDIS_RETRY_SECONDS", "soon", "must be a number of seconds, got 'soon'"),
+        ("BROKER_UPSTREAM_CONCURRENCY", "0", "must be between 1 and 10000, got 0"),
+        ("BROKER_WORKER_CONNECTIONS", "5", "must be between 10 and 100000, got 5"),
+    ],
+)
+def test_isolation_settings_are_validated(name, raw, problem):
+    """The isolation settings reject values that make no sense, naming the variable."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, name: raw})
+    assert caught.value.problems == [f"{name}: {problem}"]
