@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test install keycloak-start keycloak-stop clean
+.PHONY: run test soak install keycloak-start keycloak-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ test: install
 	scripts/keycloak.sh fetch
 	$(PY) -m pytest
 	cd clients/typescript && npm ci --no-audit --no-fund && npm test
+
+# A bounded soak (loopback only) of the broker started as `make run` starts it: prints 5xx, unexpected
+# invalid_grant, lost answers and RSS growth; exits 1 on any. SOAK_MINUTES / SOAK_RATE change its length and load.
+SOAK_MINUTES ?= 3
+SOAK_RATE ?= 30
+soak: install
+	scripts/keycloak.sh fetch
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE)
 
 keycloak-start:
 	scripts/keycloak.sh start

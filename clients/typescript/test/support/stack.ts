@@ -96,8 +96,6 @@ async function startBroker(brokerPort: number, keycloakUrl: string, extraEnv: Re
       KEYCLOAK_CLIENT_ID: "token-broker",
       KEYCLOAK_CLIENT_SECRET: CLIENT_SECRET,
       BROKER_BIND: `127.0.0.1:${brokerPort}`,
-      BROKER_WORKERS: "2",
-      BROKER_THREADS: "8",
       // No leeway: a token expired by its `exp` is refused at once, so the tests see X-Token-Expired in seconds.
       BROKER_TOKEN_LEEWAY: "0",
       BROKER_UPSTREAM_RETRY_AFTER: "5",
