@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import yaml
+
+from app.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 KEYCLOAK_VERSION = (REPO / "keycloak.version").read_text().strip()
@@ -14,6 +17,28 @@ KEYCLOAK_VERSION = (REPO / "keycloak.version").read_text().strip()
 
 def compose() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def dockerfile() -> dict[str, list[str]]:
+    """The Dockerfile's instructions by name, each with its argument text (continuation lines left out)."""
+    text = (REPO / "Dockerfile").read_text()
+    instructions = [line.split(None, 1) for line in text.splitlines() if line and not line.startswith(("#", " "))]
+    by_name: dict[str, list[str]] = {}
+    for name, *rest in instructions:
+        by_name.setdefault(name, []).append(rest[0] if rest else "")
+    return by_name
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The environment the image's ENV instructions set (both `ENV K=V ...` and `ENV K V` forms)."""
+    env = {}
+    for argument in dockerfile().get("ENV", []):
+        words = shlex.split(argument)
+        if "=" in words[0]:
+            env.update(word.split("=", 1) for word in words)
+        else:
+            env[words[0]] = " ".join(words[1:])
+    return env
 
 
 def test_compose_runs_keycloak_of_the_pinned_version_with_the_realm():
@@ -57,10 +82,7 @@ def test_compose_runs_a_private_redis_for_the_broker():
 def test_dockerfile_runs_gunicorn_as_a_non_root_user_with_a_healthcheck():
     """Slim Python base, the project's gunicorn config, a non-root user, a health check on /health."""
     text = (REPO / "Dockerfile").read_text()
-    instructions = [line.split(None, 1) for line in text.splitlines() if line and not line.startswith(("#", " "))]
-    by_name = {}
-    for name, *rest in instructions:
-        by_name.setdefault(name, []).append(rest[0] if rest else "")
+    by_name = dockerfile()
     assert re.fullmatch(r"python:3\.1[1-9]-slim", by_name["FROM"][0])
     assert by_name["USER"] == ["broker"]
     assert by_name["CMD"] == ['["gunicorn", "--config", "gunicorn.conf.py"]']
@@ -69,3 +91,25 @@ def test_dockerfile_runs_gunicorn_as_a_non_root_user_with_a_healthcheck():
     for copied in re.findall(r"^COPY (.+) \S+$", text, re.M):
         for source in copied.split():
             assert (REPO / source).exists(), source
+
+
+PROCESS_MODEL_VARIABLES = ("BROKER_WORKERS", "BROKER_THREADS")
+
+
+def test_the_image_and_compose_run_the_default_process_model():
+    """The image's CMD is plain `gunicorn --config gunicorn.conf.py`, and neither file sets the worker counts."""
+    assert json.loads(dockerfile()["CMD"][-1]) == ["gunicorn", "--config", "gunicorn.conf.py"]
+    dockerfile_text = (REPO / "Dockerfile").read_text()
+    broker = compose()["services"]["broker"]
+    for name in PROCESS_MODEL_VARIABLES:
+        assert name not in dockerfile_text, f"the Dockerfile sets {name}"
+        assert name not in broker.get("environment", {}), f"compose's broker sets {name}"
+    assert not {"command", "entrypoint", "env_file"} & broker.keys(), "compose overrides the image's CMD or environment"
+
+
+def test_the_compose_broker_environment_is_a_valid_configuration():
+    """The image's ENV plus compose's broker environment (with its secret and REDIS_URL) passes Settings.from_env."""
+    environment = {**dockerfile_env(), **{k: str(v) for k, v in compose()["services"]["broker"]["environment"].items()}}
+    settings = Settings.from_env(environment)  # raises ConfigError, naming every bad variable
+    assert (settings.bind, settings.workers) == ("0.0.0.0:8000", 1)
+    assert settings.redis_url == "redis://redis:6379/0"
