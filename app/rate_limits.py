@@ -16,6 +16,8 @@ import time
 
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RequestLimit
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from werkzeug.exceptions import HTTPException
 
 from app.config import Settings
@@ -39,6 +41,12 @@ def login_user_key() -> str:
     return f"{client_address()}|{hashlib.sha256(name.encode()).hexdigest()[:32]}"
 
 
+def _redis_options(settings: Settings) -> dict:
+    """The counters' Redis client: BROKER_REDIS_TIMEOUT per connect and command, and no redis-py retries."""
+    return {"socket_timeout": settings.redis_timeout, "socket_connect_timeout": settings.redis_timeout,
+            "retry": Retry(NoBackoff(), 0)}
+
+
 def _refuse(limit: RequestLimit) -> Response:
     """The 429 in the fixed shape, with Retry-After until the limit's window resets."""
     RATE_LIMITED.labels(request.endpoint or "unknown").inc()
@@ -57,8 +65,7 @@ def install(app: Flask, settings: Settings) -> Limiter:
         strategy="fixed-window",
         enabled=settings.rate_limits_enabled,
         swallow_errors=True,
-        storage_options={"socket_timeout": settings.redis_timeout, "socket_connect_timeout": settings.redis_timeout}
-        if settings.redis_url else {},
+        storage_options=_redis_options(settings) if settings.redis_url else {},
         in_memory_fallback_enabled=bool(settings.redis_url),
         in_memory_fallback=[settings.rate_limit_refresh] if settings.redis_url else None,
         headers_enabled=False,

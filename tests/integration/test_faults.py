@@ -147,6 +147,18 @@ def test_keycloak_stopped_is_503_with_retry_after_and_spends_nothing(broker, kc_
     assert_alive(broker.url, tokens["refresh_token"])
 
 
+def test_a_keycloak_outage_is_logged_once_not_per_request(broker, kc_proxy):
+    """Thirty refreshes while Keycloak is down leave one 'unreachable' line in the log, not thirty."""
+    kc_proxy.set_mode(FaultProxy.REFUSE)
+    before = broker.log_text()
+    for i in range(30):
+        assert outcome(refresh(broker.url, f"not-a-real-token-{i}")) == (503, UNREACHABLE)
+    new = broker.log_text()[len(before):]
+    assert new.count("Keycloak unreachable during") <= 1  # 0 when an earlier case logged it < 10 s ago
+    assert "Keycloak unreachable during" in broker.log_text()  # but the outage was logged
+    assert "Traceback" not in new
+
+
 def test_a_refresh_answered_after_the_callers_deadline_is_kept_for_its_retry(broker, kc_proxy, make_user, kc_admin):
     """Keycloak answering after the broker's own deadline: 504 that says the answer is kept; the retry gets it."""
     user = make_user()
@@ -173,6 +185,18 @@ def test_a_client_that_disconnected_gets_the_new_tokens_on_its_retry(broker, kc_
     assert retried.status_code == 200, retried.text
     assert refresh_grants(kc_admin, user.id, expect=1) == 1
     assert_alive(broker.url, retried.json()["token"]["refresh_token"])
+
+
+def test_a_reset_before_the_request_reached_keycloak_spends_nothing(broker, kc_proxy, make_user, kc_admin):
+    """A connection reset as it opens: 503 that says the connection broke, no grant, and the retry just works."""
+    user = make_user()
+    tokens = login(broker.url, user)
+    kc_proxy.set_mode(FaultProxy.RESET_ON_CONNECT)
+    kc_proxy.reset_all()  # the broker's pooled keep-alive connection meets the fault too
+    assert outcome(refresh(broker.url, tokens["refresh_token"])) == (503, LOST)
+    kc_proxy.set_mode(FaultProxy.PASS)
+    assert refresh_grants(kc_admin, user.id) == 0
+    assert_alive(broker.url, tokens["refresh_token"])
 
 
 @pytest.mark.parametrize("mode", [FaultProxy.RESET_BEFORE_ANSWER, FaultProxy.RESET_MID_ANSWER])
