@@ -63,6 +63,7 @@ class Settings:
     upstream_concurrency: int = 32
     redis_timeout: float = 0.25
     redis_retry_seconds: float = 5.0
+    single_instance: bool = False
 
     @property
     def realm_url(self) -> str:
@@ -127,6 +128,7 @@ class Settings:
             upstream_concurrency=reader.get("BROKER_UPSTREAM_CONCURRENCY", 32, _int_between(1, 10000)),
             redis_timeout=reader.get("BROKER_REDIS_TIMEOUT", 0.25, _seconds_between(0.01, 10)),
             redis_retry_seconds=reader.get("BROKER_REDIS_RETRY_SECONDS", 5.0, _seconds_between(0.1, 300)),
+            single_instance=reader.get("BROKER_SINGLE_INSTANCE", False, _bool),
         )
         reader.problems.extend(_promise_problems(settings, env))
         if not settings.cookie_secure and settings.cookie_name.startswith(("__Secure-", "__Host-")):
@@ -152,6 +154,18 @@ def _promise_problems(settings: Settings, env: Mapping[str, str]) -> list[str]:
             f"BROKER_WORKERS={settings.workers} needs REDIS_URL: without a shared store, identical refreshes "
             "that land on different worker processes each reach Keycloak, and Keycloak ends the session on the "
             "second; keep BROKER_WORKERS=1 (one gevent process serves many connections) or set REDIS_URL"
+        )
+    if settings.single_instance and settings.workers > 1:
+        problems.append(
+            f"BROKER_SINGLE_INSTANCE=true needs BROKER_WORKERS=1 (got {settings.workers}): it lets a refresh go on "
+            "without Redis while Redis is out, which is safe only when one process is the broker's only one"
+        )
+    lease = settings.connect_timeout + settings.refresh_answer_limit
+    if settings.redis_url and settings.refresh_grace_seconds >= lease:
+        problems.append(
+            f"BROKER_REFRESH_GRACE_SECONDS ({settings.refresh_grace_seconds:g}s) must be shorter than "
+            f"KEYCLOAK_CONNECT_TIMEOUT + BROKER_REFRESH_ANSWER_LIMIT ({lease:g}s) with REDIS_URL: a refresh's "
+            "Redis lock must outlast the time the broker keeps trying to share its outcome"
         )
     if settings.refresh_answer_limit < settings.read_timeout:
         problems.append(

@@ -158,8 +158,8 @@ class UpstreamTimeout(BrokerError):
 
 # Messages of the 5xx answers under faults (docs/reliability.md): each says what happened and what to do.
 ANSWER_KEPT = (
-    "The identity provider did not answer in time; retry with the same refresh token: its answer is kept "
-    "when it arrives"
+    "The identity provider did not answer in time; retry with the same refresh token: the broker keeps its "
+    "answer if one arrives"
 )
 ANSWER_LOST = "The connection to the identity provider broke before its answer arrived; try again"
 UPSTREAM_BUSY = "Too many requests are waiting for the identity provider; try again shortly"

@@ -72,7 +72,7 @@ def _refresher(settings: Settings, keycloak: KeycloakClient) -> RefreshCoalescer
         grace=settings.refresh_grace_seconds,
         wait=settings.connect_timeout + settings.read_timeout,
         shared=shared,
-        shared_required=settings.workers > 1,
+        redis_required=not settings.single_instance,
         prepare=keycloak.discovery,
     )
 

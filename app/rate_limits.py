@@ -3,7 +3,8 @@
 Limits come from BROKER_RATE_LIMIT_*; counters live in memory (per worker) or, with REDIS_URL, in Redis
 (shared by every worker and instance). The per-username login limit counts only refused logins (401), so
 a user who types the password right is never slowed down by it. When Redis fails, each worker falls back
-to counters in memory (per client address, at the refresh limit) and retries Redis now and then: an outage
+to counters in memory (per client address: the login limit on login, the refresh limit on refresh; the
+per-username limit is off until Redis is back) and retries Redis now and then: an outage
 of Redis must neither lock everybody out nor hold requests up (Redis commands time out after
 BROKER_REDIS_TIMEOUT seconds), and it is logged once, not per request.
 """
@@ -47,6 +48,15 @@ def _redis_options(settings: Settings) -> dict:
             "retry": Retry(NoBackoff(), 0)}
 
 
+def _fallback_limit(settings: Settings):
+    """The in-memory limit for the current endpoint while the counters' Redis is out."""
+
+    def limit() -> str:
+        return settings.rate_limit_login_ip if request.endpoint == "auth.login" else settings.rate_limit_refresh
+
+    return limit
+
+
 def _refuse(limit: RequestLimit) -> Response:
     """The 429 in the fixed shape, with Retry-After until the limit's window resets."""
     RATE_LIMITED.labels(request.endpoint or "unknown").inc()
@@ -67,7 +77,9 @@ def install(app: Flask, settings: Settings) -> Limiter:
         swallow_errors=True,
         storage_options=_redis_options(settings) if settings.redis_url else {},
         in_memory_fallback_enabled=bool(settings.redis_url),
-        in_memory_fallback=[settings.rate_limit_refresh] if settings.redis_url else None,
+        # While Redis is out, flask-limiter applies these instead of the route's own limits: per address, the
+        # login limit on login and the refresh limit elsewhere (the per-username limit is off meanwhile).
+        in_memory_fallback=[_fallback_limit(settings)] if settings.redis_url else None,
         headers_enabled=False,
         on_breach=_refuse,  # its response travels on flask-limiter's RateLimitExceeded (see errors.py)
     )

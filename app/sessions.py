@@ -14,8 +14,11 @@ token and scope within a short window gets the result of exactly one Keycloak ca
 - Across gunicorn workers and broker instances (when a Redis is configured): the flight first takes a Redis
   lock (SET NX with a lease longer than a refresh can take), calls Keycloak and stores the outcome; flights
   of the same token in other processes wait for that stored outcome. Redis sits behind a circuit breaker
-  (app/shared_store.py); when it is out, one worker process coalesces on its own, and several workers answer
-  503 rather than risk a second use of the token.
+  (app/shared_store.py). When it is out, refreshes answer 503 rather than risk a second use of the token,
+  unless the operator said this is the only broker process on that Redis (BROKER_SINGLE_INSTANCE, one
+  worker): then coalescing within the process is complete and refreshes go on. An outcome that Redis did
+  not take is retried past the breaker for the grace window, with the lock held, so no other process
+  refreshes the spent token meanwhile.
 
 Only outcomes that say what became of the token are kept for the grace window: new tokens, and Keycloak's
 refusals. A failure that leaves the token's fate unknown or untouched (Keycloak unreachable, a lost answer,
@@ -119,6 +122,8 @@ def keeps(outcome: Outcome) -> bool:
 
 # How long an outcome that is not kept stays in Redis: long enough for waiting processes to read it.
 SHARE_BRIEFLY_SECONDS = 1.0
+# How often a flight retries sharing an outcome that Redis did not take at once.
+SHARE_RETRY_SECONDS = 0.25
 
 
 class RedisOutcomes:
@@ -147,10 +152,18 @@ class RedisOutcomes:
             1, f"{self.PREFIX}lock:{key.name}", owner,
         ))
 
-    def store(self, key: FlightKey, outcome: Outcome, grace: float) -> None:
+    def store(self, key: FlightKey, outcome: Outcome, grace: float, *, force: bool = False) -> None:
         ttl = grace if keeps(outcome) else min(grace, SHARE_BRIEFLY_SECONDS)
         blob = seal(key, outcome)
-        self.store_.call(lambda r: r.set(f"{self.PREFIX}outcome:{key.name}", blob, px=max(1, int(ttl * 1000))))
+        self.store_.call(lambda r: r.set(f"{self.PREFIX}outcome:{key.name}", blob, px=max(1, int(ttl * 1000))),
+                         force=force)
+
+    def release_forced(self, key: FlightKey, owner: str) -> None:
+        """release() even while the breaker is open (after an outcome was finally stored)."""
+        self.store_.call(lambda r: r.eval(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
+            1, f"{self.PREFIX}lock:{key.name}", owner,
+        ), force=True)
 
     def load(self, key: FlightKey) -> Outcome | None:
         blob = self.store_.call(lambda r: r.get(f"{self.PREFIX}outcome:{key.name}"))
@@ -170,7 +183,7 @@ class RefreshCoalescer:
         grace: float,
         wait: float = 30.0,
         shared: RedisOutcomes | None = None,
-        shared_required: bool = False,
+        redis_required: bool = True,
         prepare: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -179,8 +192,8 @@ class RefreshCoalescer:
         self._grace = grace
         self._wait = wait
         self._shared = shared
-        # Several worker processes and no Redis: refreshing anyway could be a second use of the token.
-        self._shared_required = shared_required
+        # Redis out: refreshing without it is safe only when this process is the only one using that Redis.
+        self._redis_required = redis_required
         self._clock = clock
         self._flights: dict[str, _Flight] = {}
         self._lock = threading.Lock()
@@ -203,8 +216,12 @@ class RefreshCoalescer:
                 self._in_air += 1
         if leader:
             # The flight runs on its own, so it survives its caller giving up or disconnecting.
-            threading.Thread(target=self._fly, args=(flight, key, refresh_token, scope),
-                             name="refresh-flight", daemon=True).start()
+            try:
+                threading.Thread(target=self._fly, args=(flight, key, refresh_token, scope),
+                                 name="refresh-flight", daemon=True).start()
+            except BaseException:
+                self._land(flight, key, UpstreamError())  # no stranded waiters, no flight left in the air
+                raise
         else:
             REFRESHES.labels("coalesced").inc()
         if not flight.done.wait(self._wait):
@@ -231,6 +248,9 @@ class RefreshCoalescer:
         except BaseException:  # a bug: the waiting callers get a 502, later refreshes are not stuck behind it
             log.exception("refresh flight failed")
             outcome = UpstreamError()
+        self._land(flight, key, outcome)
+
+    def _land(self, flight: _Flight, key: FlightKey, outcome: Outcome) -> None:
         with self._lock:
             flight.outcome = outcome
             if keeps(outcome):
@@ -248,9 +268,9 @@ class RefreshCoalescer:
             return self._lead_across_processes(key, refresh_token, scope)
         except SharedStoreDown:
             # Nothing was sent to Keycloak yet (the store fails before a claim, or while the lock is ours).
-            if self._shared_required:
+            if self._redis_required:
                 return UpstreamUnavailable(COORDINATION_UNAVAILABLE)
-            return self._call(refresh_token, scope)  # one process: coalescing within it is complete
+            return self._call(refresh_token, scope)  # the only process on this Redis: coalescing here is complete
 
     def _call(self, refresh_token: str, scope: str | None) -> Outcome:
         REFRESHES.labels("upstream").inc()
@@ -268,7 +288,12 @@ class RefreshCoalescer:
         if stored is not None:
             REFRESHES.labels("coalesced").inc()
             return stored
-        if shared.claim(key, owner):
+        try:
+            claimed = shared.claim(key, owner)
+        except SharedStoreDown:
+            _quietly(shared.release, key, owner)  # the claim may have been applied with its reply lost
+            raise
+        if claimed:
             return self._grant_and_share(key, owner, refresh_token, scope)
         try:
             return self._wait_for_other_process(key)
@@ -312,11 +337,40 @@ class RefreshCoalescer:
         try:
             shared.store(key, outcome, self._grace)
         except SharedStoreDown:
-            # Keep the lock (its lease runs out by itself): waiters then answer 503 instead of refreshing.
-            log.warning("could not share a refresh outcome through Redis")
+            # Keep the lock, so nobody else refreshes, and keep trying to share the outcome in the background:
+            # the other processes' callers of this token are waiting for it.
+            log.warning("could not share a refresh outcome through Redis; retrying for the grace window")
+            with self._lock:
+                self._in_air += 1  # drain() waits for it too
+            threading.Thread(target=self._share_later, args=(key, owner, outcome), name="refresh-share",
+                             daemon=True).start()
             return outcome
         _quietly(shared.release, key, owner)
         return outcome
+
+    def _share_later(self, key: FlightKey, owner: str, outcome: Outcome) -> None:
+        """Store an outcome that could not be stored at once, trying past the breaker until the grace window ends."""
+        try:
+            self._keep_sharing(key, owner, outcome)
+        finally:
+            with self._lock:
+                self._in_air -= 1
+                self._landed.notify_all()
+
+    def _keep_sharing(self, key: FlightKey, owner: str, outcome: Outcome) -> None:
+        deadline = self._clock() + self._grace
+        while self._clock() < deadline:
+            time.sleep(SHARE_RETRY_SECONDS)
+            try:
+                self._shared.store(key, outcome, max(0.001, deadline - self._clock()), force=True)
+            except SharedStoreDown:
+                continue
+            try:
+                self._shared.release_forced(key, owner)
+            except SharedStoreDown:
+                pass  # the lease runs out by itself; the outcome is there for the waiters meanwhile
+            return
+        log.warning("a refresh outcome could not be shared through Redis within the grace window")
 
     def _load(self, key: FlightKey) -> Outcome | None:
         try:

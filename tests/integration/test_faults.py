@@ -389,9 +389,9 @@ def redis_proxy(redis_url) -> Iterator[FaultProxy]:
 
 @pytest.fixture(scope="module")
 def redis_broker(keycloak_server, kc_proxy, redis_proxy, tmp_path_factory) -> Iterator[RunningBroker]:
-    """The default process model with REDIS_URL set (as compose runs it), Redis reached through the proxy."""
+    """One worker with REDIS_URL and BROKER_SINGLE_INSTANCE (as compose runs it), Redis reached through the proxy."""
     running = RunningBroker(keycloak_server, tmp_path_factory, kc_proxy.url,
-                            REDIS_URL=f"redis://127.0.0.1:{redis_proxy.port}/0",
+                            REDIS_URL=f"redis://127.0.0.1:{redis_proxy.port}/0", BROKER_SINGLE_INSTANCE="true",
                             # Rate limits on, so their Redis counters meet the faults too (high: one client address).
                             BROKER_RATE_LIMITS_ENABLED="true", BROKER_RATE_LIMIT_REFRESH="1000 per minute",
                             BROKER_RATE_LIMIT_LOGIN_IP="1000 per minute")
@@ -399,10 +399,10 @@ def redis_broker(keycloak_server, kc_proxy, redis_proxy, tmp_path_factory) -> It
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def redis_workers(keycloak_server, kc_proxy, redis_proxy, tmp_path_factory) -> Iterator[RunningBroker]:
-    """Three worker processes coordinating through Redis (reached through the proxy)."""
-    running = RunningBroker(keycloak_server, tmp_path_factory, kc_proxy.url, BROKER_WORKERS="3",
+@pytest.fixture(scope="module", params=["3", "1"], ids=["three-workers", "one-worker-of-several-instances"])
+def redis_workers(request, keycloak_server, kc_proxy, redis_proxy, tmp_path_factory) -> Iterator[RunningBroker]:
+    """Processes that may share Redis with others: three workers, or one worker without BROKER_SINGLE_INSTANCE."""
+    running = RunningBroker(keycloak_server, tmp_path_factory, kc_proxy.url, BROKER_WORKERS=request.param,
                             REDIS_URL=f"redis://127.0.0.1:{redis_proxy.port}/0")
     yield running
     running.stop()
@@ -469,10 +469,11 @@ def test_redis_outage_is_logged_once_not_per_request(redis_broker, redis_healthy
     assert "Traceback" not in new and '"level": "ERROR"' not in new
 
 
-def test_several_workers_answer_503_during_a_redis_outage_and_recover(
+def test_processes_that_share_redis_answer_503_during_its_outage_and_recover(
     redis_workers, redis_healthy, make_user, kc_admin
 ):
-    """Three workers and Redis out: refreshes get 503 (never a second use of a token), and work once Redis is back."""
+    """Redis out where other processes may share it: refreshes get 503 (never a second use of a token), and work
+    once Redis is back."""
     user = make_user()
     tokens = login(redis_workers.url, user)
     redis_healthy.set_mode(FaultProxy.REFUSE)

@@ -20,7 +20,7 @@ from app.errors import (
 )
 from app.keycloak_client import TokenSet
 from app.sessions import FlightKey, RedisOutcomes, RefreshCoalescer, seal, unseal
-from app.shared_store import SharedStore, SharedStoreDown
+from app.shared_store import CircuitBreaker, SharedStore, SharedStoreDown
 
 TOKENS = TokenSet(access_token="AT-MARKER-new", token_type="Bearer", expires_in=300,
                   refresh_token="RT-MARKER-new", refresh_expires_in=1800, scope="openid")
@@ -137,11 +137,13 @@ def test_a_crashed_leader_blocks_others_only_until_its_lease_ends(redis_client):
     assert keycloak.grants == 1
 
 
-def test_an_unreachable_redis_degrades_to_in_process_coalescing():
-    """With Redis down, refreshes still work and still coalesce within the process."""
+def test_an_unreachable_redis_degrades_to_in_process_coalescing_for_a_single_instance():
+    """The only broker process on its Redis (BROKER_SINGLE_INSTANCE): with Redis down, refreshes still work
+    and still coalesce within the process."""
     keycloak = Keycloak(delay=0.2)
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(SharedStore(dead, retry_seconds=0.1), lease=5.0))
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(SharedStore(dead, retry_seconds=0.1), lease=5.0),
+                                 redis_required=False)
     with ThreadPoolExecutor(max_workers=5) as pool:
         results = list(pool.map(lambda _: coalescer.refresh("rt"), range(5)))
     assert results == [TOKENS] * 5 and keycloak.grants == 1
@@ -150,7 +152,7 @@ def test_an_unreachable_redis_degrades_to_in_process_coalescing():
 class _FailingStore(RedisOutcomes):
     """Redis that takes the lock but fails when the outcome is stored, and when the lock is released."""
 
-    def store(self, key, outcome, grace):
+    def store(self, key, outcome, grace, **kwargs):
         raise SharedStoreDown("lost Redis after the grant")
 
     def release(self, key, owner):
@@ -170,15 +172,15 @@ class _StoreFailsOnce(RedisOutcomes):
 
     failed = False
 
-    def store(self, key, outcome, grace):
+    def store(self, key, outcome, grace, **kwargs):
         if not _StoreFailsOnce.failed:
             _StoreFailsOnce.failed = True
             raise SharedStoreDown("blip")
-        super().store(key, outcome, grace)
+        super().store(key, outcome, grace, **kwargs)
 
 
-def test_a_lost_outcome_is_never_refreshed_again_by_another_process(redis_client):
-    """Leader's outcome not stored: waiting processes answer 503 rather than spend the token a second time."""
+def test_an_outcome_redis_refused_once_still_reaches_the_other_process(redis_client):
+    """The leader's first store fails: it keeps the lock and stores again, and the waiting process gets the tokens."""
     keycloak = Keycloak(delay=0.2)
     coalescers = [RefreshCoalescer(keycloak, grace=5, shared=_StoreFailsOnce(SharedStore(redis_client, retry_seconds=0.1), lease=0.6))
                   for _ in range(2)]
@@ -195,7 +197,7 @@ def test_a_lost_outcome_is_never_refreshed_again_by_another_process(redis_client
         second = pool.submit(attempt, 1)
         results = [first.result(), second.result()]
     assert keycloak.grants == 1
-    assert results == [TOKENS, 503]
+    assert results == [TOKENS, TOKENS]
 
 
 def test_a_caller_that_stops_waiting_gets_the_answer_on_its_retry():
@@ -262,32 +264,30 @@ class _Blackhole:
         self.sock.close()
 
 
-def test_a_blackholed_redis_costs_one_timeout_then_nothing_while_the_breaker_is_open():
-    """Redis that never answers: the first refresh waits one socket timeout, the next ones skip Redis at once."""
+def test_a_blackholed_redis_costs_a_few_timeouts_then_nothing_while_the_breaker_is_open():
+    """Redis that never answers: each call waits one socket timeout until three failed, then Redis is skipped at once."""
     hole = _Blackhole()
     try:
         store = SharedStore.from_url(f"redis://127.0.0.1:{hole.port}/0", timeout=0.2, retry_seconds=30)
         keycloak = Keycloak(delay=0)
-        coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(store, lease=5.0))
-        started = time.monotonic()
-        assert coalescer.refresh("rt-1") == TOKENS
-        first = time.monotonic() - started
-        started = time.monotonic()
-        assert coalescer.refresh("rt-2") == TOKENS
-        second = time.monotonic() - started
-        assert first < 1.0 and second < 0.1 and not store.available
-        assert keycloak.grants == 2
+        coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(store, lease=5.0), redis_required=False)
+        timings = []
+        for i in range(5):
+            started = time.monotonic()
+            assert coalescer.refresh(f"rt-{i}") == TOKENS
+            timings.append(time.monotonic() - started)
+        assert all(t < 1.0 for t in timings[:3]) and all(t < 0.1 for t in timings[3:]), timings
+        assert not store.available and keycloak.grants == 5
         store.redis.close()
     finally:
         hole.close()
 
 
-def test_several_workers_answer_503_rather_than_refresh_without_redis():
-    """With several worker processes, a Redis outage must not let a refresh through uncoordinated."""
+def test_a_redis_outage_answers_503_rather_than_refresh_uncoordinated():
+    """Other processes may share the Redis (the default): an outage must not let a refresh through uncoordinated."""
     keycloak = Keycloak(delay=0)
     dead = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(SharedStore(dead, retry_seconds=5), lease=5),
-                                 shared_required=True)
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(SharedStore(dead, retry_seconds=5), lease=5))
     with pytest.raises(UpstreamUnavailable) as refused:
         coalescer.refresh("rt")
     assert (refused.value.status, refused.value.message, keycloak.grants) == (503, COORDINATION_UNAVAILABLE, 0)
@@ -314,3 +314,36 @@ def test_redis_failing_while_another_process_leads_never_refreshes_here(redis_cl
     with pytest.raises(UpstreamUnavailable) as refused:
         coalescer.refresh("rt")
     assert (refused.value.message, keycloak.grants) == (COORDINATION_UNAVAILABLE, 0)
+
+
+def test_the_breaker_opens_after_three_failures_and_lets_one_trial_through_per_interval():
+    """Closed until three failures in a row; open refuses at once; after the interval one trial, whose success closes it."""
+    now = [0.0]
+    breaker = CircuitBreaker(failures=3, retry_seconds=5, clock=lambda: now[0])
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failed("TimeoutError")
+    assert breaker.allow() and not breaker.open
+    breaker.failed("TimeoutError")
+    assert (breaker.open, breaker.allow()) == (True, False)
+    now[0] = 5.1
+    assert [breaker.allow(), breaker.allow()] == [True, False]  # one trial at a time
+    breaker.failed("TimeoutError")
+    assert breaker.allow() is False  # a failed trial opens it for another interval
+    now[0] = 10.2
+    assert breaker.allow()
+    breaker.succeeded()
+    assert (breaker.open, breaker.allow()) == (False, True)
+
+
+def test_redis_commands_run_side_by_side_not_one_at_a_time(redis_client):
+    """The breaker guards its state only: twenty slow commands from twenty threads overlap."""
+    store = SharedStore(redis_client, retry_seconds=5)
+
+    def slow(_):
+        return store.call(lambda r: time.sleep(0.1) or r.ping())
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        assert list(pool.map(slow, range(20))) == [True] * 20
+    assert time.monotonic() - started < 1.0

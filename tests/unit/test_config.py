@@ -166,3 +166,25 @@ def test_isolation_settings_are_validated(name, raw, problem):
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({**BASE, name: raw})
     assert caught.value.problems == [f"{name}: {problem}"]
+
+
+def test_single_instance_is_refused_with_several_workers():
+    """BROKER_SINGLE_INSTANCE lets refreshes go on without Redis: only sound for one process."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "BROKER_WORKERS": "2", "REDIS_URL": "redis://r:6379/0",
+                           "BROKER_SINGLE_INSTANCE": "true"})
+    assert caught.value.problems == [
+        "BROKER_SINGLE_INSTANCE=true needs BROKER_WORKERS=1 (got 2): it lets a refresh go on without Redis while "
+        "Redis is out, which is safe only when one process is the broker's only one"
+    ]
+
+
+def test_a_grace_window_longer_than_the_redis_lock_is_refused():
+    """With Redis, the lock must outlast the grace window during which an outcome is still being shared."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "REDIS_URL": "redis://r:6379/0", "BROKER_REFRESH_GRACE_SECONDS": "30"})
+    assert caught.value.problems == [
+        "BROKER_REFRESH_GRACE_SECONDS (30s) must be shorter than KEYCLOAK_CONNECT_TIMEOUT + "
+        "BROKER_REFRESH_ANSWER_LIMIT (22s) with REDIS_URL: a refresh's Redis lock must outlast the time the "
+        "broker keeps trying to share its outcome"
+    ]

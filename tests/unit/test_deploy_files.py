@@ -65,7 +65,9 @@ def test_compose_runs_the_broker_against_that_keycloak():
         "KEYCLOAK_CLIENT_SECRET": client["secret"],
         "BROKER_BIND": "0.0.0.0:8000",
         "REDIS_URL": "redis://redis:6379/0",
+        "BROKER_SINGLE_INSTANCE": "true",
     }
+    assert broker["stop_grace_period"] == "35s"  # longer than BROKER_GRACEFUL_TIMEOUT (25 s)
     assert broker["ports"] == ["127.0.0.1:8000:8000"]
     assert broker["depends_on"] == {"keycloak": {"condition": "service_healthy"},
                                     "redis": {"condition": "service_healthy"}}
