@@ -19,6 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="token-broker-metrics-")
 
+# Refresh outcomes shared by this instance's workers, old and new (app/local_store.py), unless REDIS_URL.
+if not os.environ.get("BROKER_STATE_DIR"):
+    os.environ["BROKER_STATE_DIR"] = tempfile.mkdtemp(prefix="token-broker-state-")
+
 from app.config import ConfigError, Settings  # noqa: E402
 
 try:

@@ -64,6 +64,7 @@ class Settings:
     redis_timeout: float = 0.25
     redis_retry_seconds: float = 5.0
     single_instance: bool = False
+    state_dir: str | None = None
 
     @property
     def realm_url(self) -> str:
@@ -129,6 +130,7 @@ class Settings:
             redis_timeout=reader.get("BROKER_REDIS_TIMEOUT", 0.25, _seconds_between(0.01, 10)),
             redis_retry_seconds=reader.get("BROKER_REDIS_RETRY_SECONDS", 5.0, _seconds_between(0.1, 300)),
             single_instance=reader.get("BROKER_SINGLE_INSTANCE", False, _bool),
+            state_dir=reader.get("BROKER_STATE_DIR", None, _writable_dir),
         )
         reader.problems.extend(_promise_problems(settings, env))
         if not settings.cookie_secure and settings.cookie_name.startswith(("__Secure-", "__Host-")):
@@ -359,6 +361,12 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
 def _readable_file(raw: str) -> str:
     if not os.access(raw, os.R_OK) or not Path(raw).is_file():
         raise ValueError(f"{raw!r} is not a readable file")
+    return raw
+
+
+def _writable_dir(raw: str) -> str:
+    if not Path(raw).is_dir() or not os.access(raw, os.W_OK | os.X_OK):
+        raise ValueError(f"{raw!r} is not a writable directory")
     return raw
 
 

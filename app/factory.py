@@ -18,6 +18,7 @@ from app.logs import log_request, start_request, throttle_outage_logs
 from app.metrics import observe_request
 from app.request_body import check_body_size
 from app.sessions import RedisOutcomes, RefreshCoalescer, UncoalescedRefresh
+from app.local_store import LocalOutcomes
 from app.shared_store import SharedStore
 from flask_cors import CORS
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -59,20 +60,24 @@ def _refresher(settings: Settings, keycloak: KeycloakClient) -> RefreshCoalescer
     """Refresh coalescing (in-process, plus Redis across processes when REDIS_URL is set), unless switched off."""
     if not settings.refresh_coalescing:
         return UncoalescedRefresh(keycloak.refresh)
-    shared = None
+    # Both leases outlive the slowest refresh the broker allows: discovery is fetched before the lock is
+    # taken, and the refresh itself is bounded by the connect timeout plus the answer limit.
+    lease = settings.connect_timeout + settings.refresh_answer_limit + 2.0
+    shared: RedisOutcomes | LocalOutcomes | None = None
     if settings.redis_url:
-        # The lease outlives the slowest refresh the broker allows: discovery is fetched before the lock is
-        # taken, and the refresh itself is bounded by the connect timeout plus the answer limit.
-        lease = settings.connect_timeout + settings.refresh_answer_limit + 2.0
         store = SharedStore.from_url(settings.redis_url, timeout=settings.redis_timeout,
                                      retry_seconds=settings.redis_retry_seconds)
         shared = RedisOutcomes(store, lease=lease)
+    elif settings.state_dir:
+        # Under gunicorn (which sets BROKER_STATE_DIR): outcomes outlive a worker that is replaced.
+        shared = LocalOutcomes(settings.state_dir, lease=lease)
     return RefreshCoalescer(
         keycloak.refresh,
         grace=settings.refresh_grace_seconds,
         wait=settings.connect_timeout + settings.read_timeout,
         shared=shared,
-        redis_required=not settings.single_instance,
+        # A failing local file is no reason to refuse: with no Redis there is one worker, the only process.
+        redis_required=bool(settings.redis_url) and not settings.single_instance,
         prepare=keycloak.discovery,
     )
 

@@ -337,6 +337,33 @@ def test_a_killed_worker_answers_honestly_and_the_retry_recovers_with_the_realm_
         running.stop()
 
 
+def test_a_reload_keeps_the_answer_of_a_refresh_whose_caller_gave_up(
+    keycloak_server, kc_proxy, make_user, kc_admin, tmp_path_factory
+):
+    """kill -HUP (a reload) after a caller got its 504: once the old worker has drained and gone, the new one
+    answers the retry with the tokens of the one grant; no Redis (the instance's local store keeps them)."""
+    running = RunningBroker(keycloak_server, tmp_path_factory, kc_proxy.url)
+    try:
+        user = make_user()
+        tokens = login(running.url, user)
+        [old] = running.workers()
+        kc_proxy.set_mode(FaultProxy.DELAY, seconds=6)  # past the caller's wait (connect 2 s + read 2 s)
+        assert outcome(refresh(running.url, tokens["refresh_token"])) == (504, KEPT)
+        kc_proxy.set_mode(FaultProxy.PASS)  # the request in flight keeps its delay
+        running.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (old in running.workers() or not running.workers()):
+            time.sleep(0.1)
+        assert old not in running.workers()
+        retried = refresh(running.url, tokens["refresh_token"])
+        assert retried.status_code == 200, retried.text
+        assert refresh_grants(kc_admin, user.id, expect=1) == 1
+        assert_alive(running.url, retried.json()["token"]["refresh_token"])
+    finally:
+        kc_proxy.set_mode(FaultProxy.PASS)
+        running.stop()
+
+
 def _slowloris(port: int, count: int) -> tuple[list[socket.socket], threading.Event]:
     """`count` connections that send a request a byte per second and never finish it."""
     sockets = []

@@ -159,6 +159,7 @@ def test_timeouts_that_could_cut_a_refresh_short_are_refused():
         ("BROKER_REDIS_RETRY_SECONDS", "soon", "must be a number of seconds, got 'soon'"),
         ("BROKER_UPSTREAM_CONCURRENCY", "0", "must be between 1 and 10000, got 0"),
         ("BROKER_WORKER_CONNECTIONS", "5", "must be between 10 and 100000, got 5"),
+        ("BROKER_STATE_DIR", "/nonexistent/state", "'/nonexistent/state' is not a writable directory"),
     ],
 )
 def test_isolation_settings_are_validated(name, raw, problem):

@@ -1,0 +1,89 @@
+"""LocalOutcomes: refresh coordination between this host's processes in a SQLite file, without Redis."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from app.errors import ANSWER_LOST, UpstreamTimeout, UpstreamUnavailable
+from app.local_store import FILE_NAME, LocalOutcomes
+from app.sessions import FlightKey, RefreshCoalescer
+from tests.unit.test_coalescing import TOKENS, Keycloak
+
+
+def worker(keycloak: Keycloak, directory, *, wait: float = 30.0, lease: float = 5.0) -> RefreshCoalescer:
+    """A coalescer with its own connection to the shared file, as one gunicorn worker process has."""
+    return RefreshCoalescer(keycloak, grace=5, wait=wait, shared=LocalOutcomes(str(directory), lease=lease),
+                            redis_required=False)
+
+
+def test_identical_refreshes_in_several_workers_make_one_grant(tmp_path):
+    """Four workers, five callers each, one token: one grant, twenty identical TokenSets."""
+    keycloak = Keycloak()
+    workers = [worker(keycloak, tmp_path) for _ in range(4)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda i: workers[i % 4].refresh("RT-MARKER-old"), range(20)))
+    assert (keycloak.grants, results) == (1, [TOKENS] * 20)
+
+
+def test_a_retry_on_a_new_worker_gets_the_old_workers_answer(tmp_path):
+    """A reload: the caller gave up on the old worker, whose flight lands; the retry on the new one gets its
+    tokens, and Keycloak saw one grant."""
+    keycloak = Keycloak(delay=0.4)
+    old = worker(keycloak, tmp_path, wait=0.1)
+    with pytest.raises(UpstreamTimeout):
+        old.refresh("rt")
+    new = worker(keycloak, tmp_path)  # joins while the old flight is still in the air
+    assert new.refresh("rt") == TOKENS
+    assert old.drain(timeout=2)
+    assert worker(keycloak, tmp_path).refresh("rt") == TOKENS  # and later, from the stored outcome
+    assert keycloak.grants == 1
+
+
+def test_a_dead_workers_lock_holds_only_until_its_lease_ends(tmp_path):
+    """A lock left by a killed worker: waiters answer 503 once its lease ends; the next attempt refreshes."""
+    keycloak = Keycloak(delay=0)
+    store = LocalOutcomes(str(tmp_path), lease=0.3)
+    assert store.claim(FlightKey.of("rt", None), "killed-worker")
+    with pytest.raises(UpstreamUnavailable) as waited:
+        worker(keycloak, tmp_path, lease=0.3).refresh("rt")
+    assert (waited.value.message, keycloak.grants) == (ANSWER_LOST, 0)
+    assert worker(keycloak, tmp_path, lease=0.3).refresh("rt") == TOKENS
+
+
+def test_the_file_holds_nothing_usable_without_the_token(tmp_path):
+    """Names are hashes and outcomes ciphertext: no token, old or new, is in the database file."""
+    worker(Keycloak(delay=0), tmp_path).refresh("RT-MARKER-old")
+    data = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(FILE_NAME))
+    assert data and b"MARKER" not in data and b"openid" not in data
+
+
+def test_outcomes_expire_after_the_grace_window(tmp_path):
+    """Past the grace window the stored outcome is gone and a refresh asks Keycloak again."""
+    keycloak = Keycloak(delay=0)
+    now = [1000.0]
+    store = LocalOutcomes(str(tmp_path), lease=5, clock=lambda: now[0])
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=store, redis_required=False,
+                                 clock=lambda: now[0] - 1000.0)
+    coalescer.refresh("rt")
+    now[0] += 6
+    coalescer.refresh("rt")
+    assert keycloak.grants == 2
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over_at_once(tmp_path):
+    """A worker killed mid-refresh leaves its lock: the next refresh does not wait for the lease, it refreshes."""
+    keycloak = Keycloak(delay=0)
+    store = LocalOutcomes(str(tmp_path), lease=60)
+    assert store.claim(FlightKey.of("rt", None), "killed-worker")
+    gone = subprocess.Popen(["true"])  # a process that has exited: its pid names nobody now
+    gone.wait()
+    db = sqlite3.connect(store.path)
+    with db:
+        db.execute("UPDATE locks SET pid = ?", (gone.pid,))
+    db.close()
+    assert worker(keycloak, tmp_path, lease=60).refresh("rt") == TOKENS
+    assert keycloak.grants == 1
