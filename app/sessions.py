@@ -284,7 +284,7 @@ class RefreshCoalescer:
         if self._prepare is not None:
             self._prepare()  # e.g. fetch the discovery document now, so it does not eat into the lease
         owner = os.urandom(16).hex()
-        stored = self._load(key)
+        stored = self._load(key, kept_only=True)
         if stored is not None:
             REFRESHES.labels("coalesced").inc()
             return stored
@@ -327,7 +327,7 @@ class RefreshCoalescer:
     def _grant_and_share(self, key: FlightKey, owner: str, refresh_token: str, scope: str | None) -> Outcome:
         """As the cross-process leader: one Keycloak call, its outcome stored, then the lock released."""
         shared = self._shared
-        stored = self._load(key)  # another process may have finished between our look and our claim
+        stored = self._load(key, kept_only=True)  # another process may have finished between our look and claim
         if stored is not None:
             _quietly(shared.release, key, owner)
             REFRESHES.labels("coalesced").inc()
@@ -372,12 +372,17 @@ class RefreshCoalescer:
             return
         log.warning("a refresh outcome could not be shared through Redis within the grace window")
 
-    def _load(self, key: FlightKey) -> Outcome | None:
+    def _load(self, key: FlightKey, *, kept_only: bool = False) -> Outcome | None:
+        """The stored outcome; with `kept_only`, only one that tells the token's fate (a new flight must not
+        take up a fault that was shared briefly for the callers who were waiting for it)."""
         try:
-            return self._shared.load(key)
+            stored = self._shared.load(key)
         except ValueError:
             log.warning("a stored refresh outcome did not open with its token; ignoring it")
             return None
+        if stored is not None and kept_only and not keeps(stored):
+            return None
+        return stored
 
     def _forget_expired(self) -> None:
         now = self._clock()

@@ -87,3 +87,13 @@ def test_a_lock_whose_process_is_gone_is_taken_over_at_once(tmp_path):
     db.close()
     assert worker(keycloak, tmp_path, lease=60).refresh("rt") == TOKENS
     assert keycloak.grants == 1
+
+
+def test_a_fault_shared_with_waiters_is_not_taken_up_by_the_next_refresh(tmp_path):
+    """A 503 stored briefly for the waiting processes: a retry right after it asks Keycloak again."""
+    keycloak = Keycloak(outcome=UpstreamUnavailable(), delay=0)
+    with pytest.raises(UpstreamUnavailable):
+        worker(keycloak, tmp_path).refresh("rt")
+    keycloak.outcome = TOKENS
+    assert worker(keycloak, tmp_path).refresh("rt") == TOKENS
+    assert keycloak.grants == 2
