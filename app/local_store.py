@@ -39,23 +39,35 @@ class LocalOutcomes:
         self.lease = lease
         self.poll_interval = poll_interval
         self.clock = clock  # wall time: the records are read by other processes
-        self._local = threading.local()
+        # One connection per process, used under a lock: statements take microseconds, and under gevent a
+        # connection per greenlet would mean one per refresh.
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._pid: int | None = None
         self._run(self._create)
 
     def _connection(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None or getattr(self._local, "pid", None) != os.getpid():
-            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=OFF")  # records live seconds; a host crash may lose them
-            self._local.connection, self._local.pid = connection, os.getpid()
-        return connection
+        if self._db is None or self._pid != os.getpid():  # a forked child opens its own
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")  # records live seconds; a host crash may lose them
+            self._db, self._pid = db, os.getpid()
+        return self._db
 
     def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            return work(self._connection())
+            with self._lock:
+                return work(self._connection())
         except sqlite3.Error as exc:
             raise SharedStoreDown(f"sqlite: {exc}") from None
+
+    def close(self) -> None:
+        """Close this process's connection (tests; a worker's ends with the process)."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     @staticmethod
     def _create(db: sqlite3.Connection) -> None:

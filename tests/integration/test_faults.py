@@ -188,12 +188,13 @@ def test_a_client_that_disconnected_gets_the_new_tokens_on_its_retry(broker, kc_
 
 
 def test_a_reset_before_the_request_reached_keycloak_spends_nothing(broker, kc_proxy, make_user, kc_admin):
-    """A connection reset as it opens: 503 that says the connection broke, no grant, and the retry just works."""
+    """A connection reset as it opens: 503 (unreachable or broke, as the timing fell), no grant, the retry works."""
     user = make_user()
     tokens = login(broker.url, user)
     kc_proxy.set_mode(FaultProxy.RESET_ON_CONNECT)
     kc_proxy.reset_all()  # the broker's pooled keep-alive connection meets the fault too
-    assert outcome(refresh(broker.url, tokens["refresh_token"])) == (503, LOST)
+    # The reset may come before the request could be written (unreachable) or after (broke): both are honest.
+    assert outcome(refresh(broker.url, tokens["refresh_token"])) in [(503, UNREACHABLE), (503, LOST)]
     kc_proxy.set_mode(FaultProxy.PASS)
     assert refresh_grants(kc_admin, user.id) == 0
     assert_alive(broker.url, tokens["refresh_token"])
