@@ -25,8 +25,12 @@ Two isolation goals, measured for each worker model in one run:
 Worker models, each `.venv/bin/python -m gunicorn --config gunicorn.conf.py` plus command-line overrides:
 
 - `gevent`: the project default (no overrides: one gevent worker);
-- `gthread`: the old model, `--worker-class gthread --workers 2 --threads 8` (REDIS_URL is set, which two
-  workers need; BROKER_WORKERS is never set in the environment).
+- `gthread`: the old model's 16 threads, `--worker-class gthread --workers 1 --threads 16` (one process,
+  so that it runs with the same settings as gevent; BROKER_WORKERS is never set in the environment).
+
+Both run with REDIS_URL and BROKER_SINGLE_INSTANCE=true, as compose runs the broker: while Redis is out a
+refresh goes on to Keycloak (coalesced in the process) instead of answering 503 at once, so in goal B the
+refreshes really wait on the hung Keycloak.
 
 The run starts its own clean Keycloak (scripts/keycloak.sh, 127.0.0.1:28380, management 29300, state in
 .run/keycloak-isolation), its own redis-server, the two fault proxies and each broker on free loopback ports
@@ -95,7 +99,7 @@ RAMP_SECONDS = 2.0  # slow connections / held refreshes settle this long before 
 
 MODELS = {
     "gevent": {"overrides": [], "workers": 1},
-    "gthread": {"overrides": ["--worker-class", "gthread", "--workers", "2", "--threads", "8"], "workers": 2},
+    "gthread": {"overrides": ["--worker-class", "gthread", "--workers", "1", "--threads", "16"], "workers": 1},
 }
 HEALTH = ("GET /health", "/health", 200)
 GOAL_B_ROUTES = [HEALTH, ("GET /ready", "/ready", 200), ("GET /metrics", "/metrics", 200),
@@ -425,7 +429,8 @@ def broker_environment(port: int, keycloak_url: str, redis_url: str, metrics_dir
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("KEYCLOAK_", "BROKER_")) and k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
     env.update(KEYCLOAK_URL=keycloak_url, KEYCLOAK_CLIENT_SECRET=CLIENT_SECRET, BROKER_BIND=f"127.0.0.1:{port}",
-               REDIS_URL=redis_url, BROKER_RATE_LIMITS_ENABLED="false", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+               REDIS_URL=redis_url, BROKER_SINGLE_INSTANCE="true", BROKER_RATE_LIMITS_ENABLED="false",
+               PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     return env
 
 
