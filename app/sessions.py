@@ -57,7 +57,7 @@ from app.errors import (
 )
 from app.keycloak_client import TokenSet
 from app.metrics import REFRESHES
-from app.shared_store import SharedStore, SharedStoreDown
+from app.shared_store import SharedStore, SharedStoreBusy, SharedStoreDown
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +266,13 @@ class RefreshCoalescer:
             return self._call(refresh_token, scope)
         try:
             return self._lead_across_processes(key, refresh_token, scope)
-        except SharedStoreDown:
+        except SharedStoreDown as exc:
             # Nothing was sent to Keycloak yet (the store fails before a claim, or while the lock is ours).
-            if self._redis_required:
+            # A busy store means another live process is coordinating through it: never go it alone then.
+            if self._redis_required or isinstance(exc, SharedStoreBusy):
                 return UpstreamUnavailable(COORDINATION_UNAVAILABLE)
-            return self._call(refresh_token, scope)  # the only process on this Redis: coalescing here is complete
+            log.warning("the shared refresh store failed (%s); coalescing within this process only", exc)
+            return self._call(refresh_token, scope)  # the only process on this store: coalescing here is complete
 
     def _call(self, refresh_token: str, scope: str | None) -> Outcome:
         REFRESHES.labels("upstream").inc()

@@ -32,7 +32,12 @@ FAILURES_TO_OPEN = 3
 
 
 class SharedStoreDown(Exception):
-    """Redis could not be used for this call (it failed, timed out, or the breaker is open)."""
+    """The shared store could not be used for this call (it failed, timed out, or the breaker is open)."""
+
+
+class SharedStoreBusy(SharedStoreDown):
+    """The store is alive but another process keeps it locked (the local store): it is coordinating, so a
+    refresh must not go ahead without it."""
 
 
 class CircuitBreaker:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.errors import ANSWER_LOST, UpstreamTimeout, UpstreamUnavailable
+from app.errors import ANSWER_LOST, COORDINATION_UNAVAILABLE, UpstreamTimeout, UpstreamUnavailable
 from app.local_store import FILE_NAME, LocalOutcomes
 from app.sessions import FlightKey, RefreshCoalescer
 from tests.unit.test_coalescing import TOKENS, Keycloak
@@ -97,3 +97,58 @@ def test_a_fault_shared_with_waiters_is_not_taken_up_by_the_next_refresh(tmp_pat
     keycloak.outcome = TOKENS
     assert worker(keycloak, tmp_path).refresh("rt") == TOKENS
     assert keycloak.grants == 2
+
+
+def test_a_deleted_state_directory_is_recreated_and_never_stops_the_broker(tmp_path):
+    """The directory removed under a running worker (a /tmp clean-up): the next refresh recreates it and works."""
+    import shutil
+
+    keycloak = Keycloak(delay=0)
+    directory = tmp_path / "state"
+    directory.mkdir()
+    coalescer = worker(keycloak, directory)
+    assert coalescer.refresh("rt-1") == TOKENS
+    shutil.rmtree(directory)
+    assert worker(keycloak, directory).refresh("rt-2") == TOKENS  # a new worker starting now
+    assert coalescer.refresh("rt-3") == TOKENS  # and the old one reopens the new file
+    assert (directory / FILE_NAME).exists() and keycloak.grants == 3
+
+
+def test_a_file_that_is_not_a_database_is_replaced(tmp_path):
+    """A torn or foreign file where the store should be: it is set aside and refreshes go on coordinated."""
+    (tmp_path / FILE_NAME).write_bytes(b"not a database" * 100)
+    keycloak = Keycloak(delay=0)
+    assert worker(keycloak, tmp_path).refresh("rt") == TOKENS
+    assert worker(keycloak, tmp_path).refresh("rt") == TOKENS  # the stored outcome, from the new file
+    assert keycloak.grants == 1
+
+
+def test_a_store_kept_locked_by_another_process_answers_503_never_refreshes_alone(tmp_path, monkeypatch):
+    """Another process holding the write lock is alive and coordinating: 503 after a short wait, no grant."""
+    import app.local_store as local_store
+
+    monkeypatch.setattr(local_store, "BUSY_WAIT_SECONDS", 0.1)
+    keycloak = Keycloak(delay=0)
+    coalescer = worker(keycloak, tmp_path)
+    coalescer.refresh("warm-up")  # the file exists and is open
+    other = sqlite3.connect(tmp_path / FILE_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(UpstreamUnavailable) as refused:
+            coalescer.refresh("rt")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert (refused.value.message, keycloak.grants) == (COORDINATION_UNAVAILABLE, 1)
+
+
+def test_looking_at_a_stale_lock_never_removes_a_lock_taken_meanwhile(tmp_path):
+    """locked() only reads: a waiter judging an expired lock cannot delete the lock another process took since."""
+    now = [100.0]
+    store = LocalOutcomes(str(tmp_path), lease=1, clock=lambda: now[0])
+    key = FlightKey.of("rt", None)
+    assert store.claim(key, "first")
+    now[0] += 2  # the first lease ran out
+    assert store.locked(key) is False
+    assert store.claim(key, "second")  # another process takes it over
+    assert store.locked(key) is True
