@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="token-broker-metrics-")
 
-# Refresh outcomes shared by this instance's workers, old and new (app/local_store.py), unless REDIS_URL.
+# Refresh outcomes shared by this instance's workers, old and new (app/local_store.py), unless BROKER_REDIS_URL.
 if not os.environ.get("BROKER_STATE_DIR"):
     os.environ["BROKER_STATE_DIR"] = tempfile.mkdtemp(prefix="token-broker-state-")
 
@@ -51,10 +51,11 @@ def child_exit(server, worker) -> None:  # noqa: ANN001
 
 def worker_exit(server, worker) -> None:  # noqa: ANN001
     """Before a worker goes (SIGTERM, a reload), let refreshes already sent to Keycloak finish and share their outcome."""
-    application = getattr(worker, "wsgi", None)
-    extensions = getattr(application, "extensions", None)
-    if extensions and "refresher" in extensions:
-        extensions["refresher"].drain(timeout=_settings.connect_timeout + _settings.refresh_answer_limit)
+    from app.web.context import broker_of  # in the worker, which has loaded the app already
+
+    broker = broker_of(getattr(worker, "wsgi", None))
+    if broker is not None:
+        broker.refresher.drain(timeout=_settings.connect_timeout + _settings.refresh_answer_limit)
 
 
 bind = _settings.bind
@@ -79,7 +80,7 @@ loglevel = _settings.log_level.lower()
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "app.log_format.JsonFormatter"}},
+    "formatters": {"json": {"()": "app.logs.JsonFormatter"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
     "root": {"level": _settings.log_level, "handlers": ["stderr"]},
     "loggers": {

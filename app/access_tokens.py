@@ -93,7 +93,6 @@ class SigningKeys:
         self._fetched_at = float("-inf")
         self._gate = float("-inf")  # when the last caller-driven or failed fetch happened
         self._lock = threading.Lock()
-        self.fetch_count = 0
 
     def ready(self) -> bool:
         """True when keys are in hand (fetching them first if there are none and a fetch is due)."""
@@ -134,7 +133,6 @@ class SigningKeys:
             self._fetch_now(caller_driven=self._keys is not None)
 
     def _fetch_now(self, *, caller_driven: bool) -> None:
-        self.fetch_count += 1
         if caller_driven:
             self._gate = self._clock()
         try:
@@ -166,12 +164,23 @@ class TokenPolicy:
 
 
 class AccessTokenValidator:
-    """Validates bearer tokens against the realm's keys and a TokenPolicy; raises InvalidToken."""
+    """Validates bearer tokens against the realm's keys and a TokenPolicy; raises InvalidToken.
+
+    `policy` builds the TokenPolicy; it is called on the first validation (the issuer comes from Keycloak's
+    discovery document, which may not be reachable at start-up) and its result kept.
+    """
 
     def __init__(self, keys: SigningKeys, policy: Callable[[], TokenPolicy], clock: Callable[[], float] = time.time):
         self.keys = keys
-        self._policy = policy
+        self._build_policy = policy
+        self._policy: TokenPolicy | None = None
         self._clock = clock
+
+    def policy(self) -> TokenPolicy:
+        """The policy tokens are held to; raise BrokerError while it cannot be built (no discovery yet)."""
+        if self._policy is None:
+            self._policy = self._build_policy()
+        return self._policy
 
     def validate(self, token: str) -> dict[str, Any]:
         """The token's claims if it is a valid access token of the realm; raise InvalidToken otherwise."""
@@ -192,7 +201,7 @@ class AccessTokenValidator:
             raise InvalidToken("Access token signature is invalid") from None
         if not isinstance(claims, dict):
             raise InvalidToken("Access token is malformed")
-        self._check_claims(claims, self._policy())
+        self._check_claims(claims, self.policy())
         return claims
 
     def _check_claims(self, claims: dict[str, Any], policy: TokenPolicy) -> None:
@@ -249,8 +258,8 @@ def _as_set(value: Any) -> set[str]:
     return set()
 
 
-class SessionCheck:
-    """The optional online check: asks Keycloak whether a token is still active, caching each verdict briefly.
+class Introspection:
+    """BROKER_TOKEN_INTROSPECTION: asks Keycloak whether a token is still active, caching each verdict briefly.
 
     Entries are keyed by a SHA-256 of the token (the token itself is never kept), live `ttl` seconds and
     are bounded in number, the oldest going first.

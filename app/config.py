@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
@@ -17,174 +17,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the broker is told by its operator. Built by `Settings.from_env`, never at import time."""
-
-    keycloak_url: str
-    keycloak_realm: str
-    client_id: str
-    client_secret: str = ""
-    connect_timeout: float = 2.0
-    read_timeout: float = 10.0
-    ca_bundle: str | None = None
-    max_body_bytes: int = 16 * 1024
-    upstream_retry_after: int = 5
-    login_scope: str = "openid"
-    log_level: str = "INFO"
-    token_leeway: int = 10
-    token_audiences: frozenset[str] = frozenset()
-    token_authorized_parties: frozenset[str] = frozenset()
-    jwks_min_refetch_seconds: float = 10.0
-    jwks_max_age_seconds: float = 600.0
-    introspection: bool = False
-    introspection_cache_seconds: float = 10.0
-    redis_url: str | None = None
-    refresh_coalescing: bool = True
-    refresh_grace_seconds: float = 5.0
-    token_transport: str = "body"
-    cookie_name: str = "__Secure-refresh_token"
-    cookie_secure: bool = True
-    csrf_header: str = "X-Requested-With"
-    cors_origins: frozenset[str] = frozenset()
-    rate_limits_enabled: bool = True
-    rate_limit_login: str = "10 per minute"
-    rate_limit_login_ip: str = "60 per minute"
-    rate_limit_refresh: str = "120 per minute"
-    trusted_proxy_hops: int = 0
-    bind: str = "127.0.0.1:8000"
-    workers: int = 1
-    worker_connections: int = 1000
-    worker_timeout: int = 30
-    graceful_timeout: int = 25
-    refresh_answer_limit: float = 20.0
-    upstream_concurrency: int = 32
-    redis_timeout: float = 0.25
-    redis_retry_seconds: float = 5.0
-    single_instance: bool = False
-    state_dir: str | None = None
-
-    @property
-    def realm_url(self) -> str:
-        """The realm's base URL, e.g. http://127.0.0.1:8080/realms/demo."""
-        return f"{self.keycloak_url}/realms/{self.keycloak_realm}"
-
-    @property
-    def tls_verify(self) -> bool | str:
-        """What `requests` takes as `verify`: on by default, or the operator's CA bundle."""
-        return self.ca_bundle or True
-
-    def __repr__(self) -> str:  # keep the secret out of any log line or traceback
-        return (
-            f"Settings(keycloak_url={self.keycloak_url!r}, keycloak_realm={self.keycloak_realm!r}, "
-            f"client_id={self.client_id!r}, client_secret='***')"
-        )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        """Build settings from environment variables; raise ConfigError listing every problem at once."""
-        env = os.environ if environ is None else environ
-        reader = _Reader(env)
-        keycloak_url = reader.get("KEYCLOAK_URL", "http://127.0.0.1:8080", _url)
-        settings = cls(
-            keycloak_url=keycloak_url,
-            keycloak_realm=reader.get("KEYCLOAK_REALM", "demo", _name),
-            client_id=reader.get("KEYCLOAK_CLIENT_ID", "token-broker", _name),
-            client_secret=reader.secret("KEYCLOAK_CLIENT_SECRET"),
-            connect_timeout=reader.get("KEYCLOAK_CONNECT_TIMEOUT", 2.0, _positive_float),
-            read_timeout=reader.get("KEYCLOAK_READ_TIMEOUT", 10.0, _positive_float),
-            ca_bundle=reader.get("KEYCLOAK_CA_BUNDLE", None, _readable_file),
-            max_body_bytes=reader.get("BROKER_MAX_BODY_BYTES", 16 * 1024, _int_between(256, 1024 * 1024)),
-            upstream_retry_after=reader.get("BROKER_UPSTREAM_RETRY_AFTER", 5, _int_between(1, 3600)),
-            login_scope=reader.get("BROKER_LOGIN_SCOPE", "openid", _scope),
-            log_level=reader.get("BROKER_LOG_LEVEL", "INFO", _log_level),
-            token_leeway=reader.get("BROKER_TOKEN_LEEWAY", 10, _int_between(0, 300)),
-            token_audiences=reader.get("BROKER_TOKEN_AUDIENCES", frozenset(), _names),
-            token_authorized_parties=reader.get("BROKER_TOKEN_AUTHORIZED_PARTIES", frozenset(), _names),
-            jwks_min_refetch_seconds=reader.get("BROKER_JWKS_MIN_REFETCH_SECONDS", 10.0, _positive_float),
-            jwks_max_age_seconds=reader.get("BROKER_JWKS_MAX_AGE_SECONDS", 600.0, _int_between(10, 86400)),
-            introspection=reader.get("BROKER_TOKEN_INTROSPECTION", False, _bool),
-            introspection_cache_seconds=reader.get("BROKER_INTROSPECTION_CACHE_SECONDS", 10.0, _positive_float),
-            redis_url=reader.get("REDIS_URL", None, _redis_url),
-            refresh_coalescing=reader.get("BROKER_REFRESH_COALESCING", True, _bool),
-            refresh_grace_seconds=reader.get("BROKER_REFRESH_GRACE_SECONDS", 5.0, _positive_float),
-            token_transport=reader.get("BROKER_TOKEN_TRANSPORT", "body", _one_of("body", "cookie")),
-            cookie_name=reader.get("BROKER_COOKIE_NAME", "__Secure-refresh_token", _cookie_name),
-            cookie_secure=reader.get("BROKER_COOKIE_SECURE", True, _bool),
-            csrf_header=reader.get("BROKER_CSRF_HEADER", "X-Requested-With", _header_name),
-            cors_origins=reader.get("BROKER_CORS_ORIGINS", frozenset(), _origins),
-            rate_limits_enabled=reader.get("BROKER_RATE_LIMITS_ENABLED", True, _bool),
-            rate_limit_login=reader.get("BROKER_RATE_LIMIT_LOGIN", "10 per minute", _rate_limit),
-            rate_limit_login_ip=reader.get("BROKER_RATE_LIMIT_LOGIN_IP", "60 per minute", _rate_limit),
-            rate_limit_refresh=reader.get("BROKER_RATE_LIMIT_REFRESH", "120 per minute", _rate_limit),
-            trusted_proxy_hops=reader.get("BROKER_TRUSTED_PROXY_HOPS", 0, _int_between(0, 10)),
-            bind=reader.get("BROKER_BIND", "127.0.0.1:8000", _bind),
-            workers=reader.get("BROKER_WORKERS", 1, _int_between(1, 64)),
-            worker_connections=reader.get("BROKER_WORKER_CONNECTIONS", 1000, _int_between(10, 100000)),
-            worker_timeout=reader.get("BROKER_WORKER_TIMEOUT", 30, _int_between(5, 600)),
-            graceful_timeout=reader.get("BROKER_GRACEFUL_TIMEOUT", 25, _int_between(1, 600)),
-            refresh_answer_limit=reader.get("BROKER_REFRESH_ANSWER_LIMIT", 20.0, _positive_float),
-            upstream_concurrency=reader.get("BROKER_UPSTREAM_CONCURRENCY", 32, _int_between(1, 10000)),
-            redis_timeout=reader.get("BROKER_REDIS_TIMEOUT", 0.25, _seconds_between(0.01, 10)),
-            redis_retry_seconds=reader.get("BROKER_REDIS_RETRY_SECONDS", 5.0, _seconds_between(0.1, 300)),
-            single_instance=reader.get("BROKER_SINGLE_INSTANCE", False, _bool),
-            state_dir=reader.get("BROKER_STATE_DIR", None, _writable_dir),
-        )
-        reader.problems.extend(_promise_problems(settings, env))
-        if not settings.cookie_secure and settings.cookie_name.startswith(("__Secure-", "__Host-")):
-            reader.problems.append(
-                "BROKER_COOKIE_NAME: a __Secure- or __Host- cookie needs BROKER_COOKIE_SECURE=true "
-                "(browsers drop such cookies without Secure); pick another name for plain-HTTP local runs"
-            )
-        if reader.problems:
-            raise ConfigError(reader.problems)
-        return settings
-
-
-def _promise_problems(settings: Settings, env: Mapping[str, str]) -> list[str]:
-    """Combinations of settings that would break a promise of docs/reliability.md, each naming its variables."""
-    problems = []
-    if env.get("BROKER_THREADS", "").strip():
-        problems.append(
-            "BROKER_THREADS no longer applies: the broker serves with gevent (one process holds up to "
-            "BROKER_WORKER_CONNECTIONS connections); unset it"
-        )
-    if settings.workers > 1 and settings.refresh_coalescing and not settings.redis_url:
-        problems.append(
-            f"BROKER_WORKERS={settings.workers} needs REDIS_URL: without a shared store, identical refreshes "
-            "that land on different worker processes each reach Keycloak, and Keycloak ends the session on the "
-            "second; keep BROKER_WORKERS=1 (one gevent process serves many connections) or set REDIS_URL"
-        )
-    if settings.single_instance and settings.workers > 1:
-        problems.append(
-            f"BROKER_SINGLE_INSTANCE=true needs BROKER_WORKERS=1 (got {settings.workers}): it lets a refresh go on "
-            "without Redis while Redis is out, which is safe only when one process is the broker's only one"
-        )
-    lease = settings.connect_timeout + settings.refresh_answer_limit
-    if settings.redis_url and settings.refresh_grace_seconds >= lease:
-        problems.append(
-            f"BROKER_REFRESH_GRACE_SECONDS ({settings.refresh_grace_seconds:g}s) must be shorter than "
-            f"KEYCLOAK_CONNECT_TIMEOUT + BROKER_REFRESH_ANSWER_LIMIT ({lease:g}s) with REDIS_URL: a refresh's "
-            "Redis lock must outlast the time the broker keeps trying to share its outcome"
-        )
-    if settings.refresh_answer_limit < settings.read_timeout:
-        problems.append(
-            f"BROKER_REFRESH_ANSWER_LIMIT ({settings.refresh_answer_limit:g}s) must be at least "
-            f"KEYCLOAK_READ_TIMEOUT ({settings.read_timeout:g}s): the broker keeps reading a refresh's answer "
-            "after its caller stopped waiting"
-        )
-    longest = settings.connect_timeout + settings.refresh_answer_limit
-    for name, value in (("BROKER_WORKER_TIMEOUT", settings.worker_timeout),
-                        ("BROKER_GRACEFUL_TIMEOUT", settings.graceful_timeout)):
-        if value <= longest:
-            problems.append(
-                f"{name} ({value}s) must be longer than the longest refresh, KEYCLOAK_CONNECT_TIMEOUT + "
-                f"BROKER_REFRESH_ANSWER_LIMIT ({longest:g}s): otherwise a worker can be stopped while Keycloak "
-                "is answering a refresh, and that answer is lost"
-            )
-    return problems
 
 
 class _Reader:
@@ -322,40 +154,32 @@ def _scope(raw: str) -> str:
     return " ".join(raw.split())
 
 
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
-    if not 0 < value <= 300:
-        raise ValueError(f"must be between 0 and 300 seconds, got {raw!r}")
-    return value
+def _number_between(low: float, high: float, *, whole: bool = False, above_low: bool = False) -> Callable[[str], float]:
+    """A number of seconds (or, `whole`, a count) from `low` (exclusive when `above_low`) to `high`."""
 
-
-def _seconds_between(low: float, high: float) -> Callable[[str], float]:
     def convert(raw: str) -> float:
         try:
-            value = float(raw)
+            value = int(raw) if whole else float(raw)
         except ValueError:
-            raise ValueError(f"must be a number of seconds, got {raw!r}") from None
-        if not low <= value <= high:
+            raise ValueError(f"must be {'a whole number' if whole else 'a number of seconds'}, got {raw!r}") from None
+        if not (low < value if above_low else low <= value) or value > high:
+            if whole:
+                raise ValueError(f"must be between {low} and {high}, got {value}")
             raise ValueError(f"must be between {low:g} and {high:g} seconds, got {raw!r}")
         return value
 
     return convert
 
 
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def convert(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"must be a whole number, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
+def _seconds_between(low: float, high: float) -> Callable[[str], float]:
+    return _number_between(low, high)
 
-    return convert
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    return _number_between(low, high, whole=True)  # type: ignore[return-value]
+
+
+_positive_float = _number_between(0, 300, above_low=True)
 
 
 def _readable_file(raw: str) -> str:
@@ -375,3 +199,148 @@ def _log_level(raw: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw!r}")
     return level
+
+
+def _setting(env: str, convert: Callable[[str], T] | None, default: T, *, shown: bool = True) -> T:
+    """A Settings field read from the environment variable `env` through `convert` (None: a secret).
+
+    Secrets, and values that may carry one (`shown=False`), stay out of the repr and so out of any log line.
+    """
+    return field(default=default, repr=shown and convert is not None, metadata={"env": env, "convert": convert})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the broker is told by its operator. Built by `Settings.from_env`, never at import time.
+
+    Each field names its variable, its converter and its default, once; docs/operations.md lists them.
+    """
+
+    keycloak_url: str = _setting("KEYCLOAK_URL", _url, "http://127.0.0.1:8080")
+    keycloak_realm: str = _setting("KEYCLOAK_REALM", _name, "demo")
+    client_id: str = _setting("KEYCLOAK_CLIENT_ID", _name, "token-broker")
+    client_secret: str = _setting("KEYCLOAK_CLIENT_SECRET", None, "")  # no default: from_env refuses ""
+    connect_timeout: float = _setting("KEYCLOAK_CONNECT_TIMEOUT", _positive_float, 2.0)
+    read_timeout: float = _setting("KEYCLOAK_READ_TIMEOUT", _positive_float, 10.0)
+    ca_bundle: str | None = _setting("KEYCLOAK_CA_BUNDLE", _readable_file, None)
+    max_body_bytes: int = _setting("BROKER_MAX_BODY_BYTES", _int_between(256, 1024 * 1024), 16384)
+    upstream_retry_after: int = _setting("BROKER_UPSTREAM_RETRY_AFTER", _int_between(1, 3600), 5)
+    login_scope: str = _setting("BROKER_LOGIN_SCOPE", _scope, "openid")
+    log_level: str = _setting("BROKER_LOG_LEVEL", _log_level, "INFO")
+    token_leeway: int = _setting("BROKER_TOKEN_LEEWAY", _int_between(0, 300), 10)
+    token_audiences: frozenset[str] = _setting("BROKER_TOKEN_AUDIENCES", _names, frozenset())
+    token_authorized_parties: frozenset[str] = _setting(
+        "BROKER_TOKEN_AUTHORIZED_PARTIES", _names, frozenset())
+    jwks_min_refetch_seconds: float = _setting("BROKER_JWKS_MIN_REFETCH_SECONDS", _positive_float, 10.0)
+    jwks_max_age_seconds: float = _setting(
+        "BROKER_JWKS_MAX_AGE_SECONDS", _seconds_between(10, 86400), 600.0)
+    token_introspection: bool = _setting("BROKER_TOKEN_INTROSPECTION", _bool, False)
+    introspection_cache_seconds: float = _setting(
+        "BROKER_INTROSPECTION_CACHE_SECONDS", _positive_float, 10.0)
+    # REDIS_URL, its earlier name, is still read (see from_env). A Redis URL may carry a password: not shown.
+    redis_url: str | None = _setting("BROKER_REDIS_URL", _redis_url, None, shown=False)
+    refresh_coalescing: bool = _setting("BROKER_REFRESH_COALESCING", _bool, True)
+    refresh_grace_seconds: float = _setting("BROKER_REFRESH_GRACE_SECONDS", _positive_float, 5.0)
+    token_transport: str = _setting("BROKER_TOKEN_TRANSPORT", _one_of("body", "cookie"), "body")
+    cookie_name: str = _setting("BROKER_COOKIE_NAME", _cookie_name, "__Secure-refresh_token")
+    cookie_secure: bool = _setting("BROKER_COOKIE_SECURE", _bool, True)
+    csrf_header: str = _setting("BROKER_CSRF_HEADER", _header_name, "X-Requested-With")
+    cors_origins: frozenset[str] = _setting("BROKER_CORS_ORIGINS", _origins, frozenset())
+    rate_limits_enabled: bool = _setting("BROKER_RATE_LIMITS_ENABLED", _bool, True)
+    rate_limit_login: str = _setting("BROKER_RATE_LIMIT_LOGIN", _rate_limit, "10 per minute")
+    rate_limit_login_ip: str = _setting("BROKER_RATE_LIMIT_LOGIN_IP", _rate_limit, "60 per minute")
+    rate_limit_refresh: str = _setting("BROKER_RATE_LIMIT_REFRESH", _rate_limit, "120 per minute")
+    trusted_proxy_hops: int = _setting("BROKER_TRUSTED_PROXY_HOPS", _int_between(0, 10), 0)
+    bind: str = _setting("BROKER_BIND", _bind, "127.0.0.1:8000")
+    workers: int = _setting("BROKER_WORKERS", _int_between(1, 64), 1)
+    worker_connections: int = _setting("BROKER_WORKER_CONNECTIONS", _int_between(10, 100000), 1000)
+    worker_timeout: int = _setting("BROKER_WORKER_TIMEOUT", _int_between(5, 600), 30)
+    graceful_timeout: int = _setting("BROKER_GRACEFUL_TIMEOUT", _int_between(1, 600), 25)
+    refresh_answer_limit: float = _setting("BROKER_REFRESH_ANSWER_LIMIT", _positive_float, 20.0)
+    upstream_concurrency: int = _setting("BROKER_UPSTREAM_CONCURRENCY", _int_between(1, 10000), 32)
+    redis_timeout: float = _setting("BROKER_REDIS_TIMEOUT", _seconds_between(0.01, 10), 0.25)
+    redis_retry_seconds: float = _setting(
+        "BROKER_REDIS_RETRY_SECONDS", _seconds_between(0.1, 300), 5.0)
+    single_instance: bool = _setting("BROKER_SINGLE_INSTANCE", _bool, False)
+    state_dir: str | None = _setting("BROKER_STATE_DIR", _writable_dir, None)
+
+    @property
+    def realm_url(self) -> str:
+        """The realm's base URL, e.g. http://127.0.0.1:8080/realms/demo."""
+        return f"{self.keycloak_url}/realms/{self.keycloak_realm}"
+
+    @property
+    def tls_verify(self) -> bool | str:
+        """What `requests` takes as `verify`: on by default, or the operator's CA bundle."""
+        return self.ca_bundle or True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from environment variables; raise ConfigError listing every problem at once."""
+        env = dict(os.environ if environ is None else environ)
+        reader = _Reader(env)
+        legacy_redis = env.pop("REDIS_URL", "").strip()
+        if legacy_redis:
+            current = env.get("BROKER_REDIS_URL", "").strip()
+            if current and current != legacy_redis:
+                reader.problems.append("BROKER_REDIS_URL and REDIS_URL (its old name) are both set and differ; "
+                                       "set only BROKER_REDIS_URL")
+            env["BROKER_REDIS_URL"] = current or legacy_redis
+        values = {}
+        for spec in fields(cls):
+            name, convert = spec.metadata["env"], spec.metadata["convert"]
+            values[spec.name] = reader.secret(name) if convert is None else reader.get(name, spec.default, convert)
+        settings = cls(**values)
+        reader.problems.extend(_promise_problems(settings, env))
+        if not settings.cookie_secure and settings.cookie_name.startswith(("__Secure-", "__Host-")):
+            reader.problems.append(
+                "BROKER_COOKIE_NAME: a __Secure- or __Host- cookie needs BROKER_COOKIE_SECURE=true "
+                "(browsers drop such cookies without Secure); pick another name for plain-HTTP local runs"
+            )
+        if reader.problems:
+            raise ConfigError(reader.problems)
+        return settings
+
+
+def _promise_problems(settings: Settings, env: Mapping[str, str]) -> list[str]:
+    """Combinations of settings that would break a promise of docs/reliability.md, each naming its variables."""
+    problems = []
+    if env.get("BROKER_THREADS", "").strip():
+        problems.append(
+            "BROKER_THREADS no longer applies: the broker serves with gevent (one process holds up to "
+            "BROKER_WORKER_CONNECTIONS connections); unset it"
+        )
+    if settings.workers > 1 and settings.refresh_coalescing and not settings.redis_url:
+        problems.append(
+            f"BROKER_WORKERS={settings.workers} needs BROKER_REDIS_URL: without a shared store, identical refreshes "
+            "that land on different worker processes each reach Keycloak, and Keycloak ends the session on the "
+            "second; keep BROKER_WORKERS=1 (one gevent process serves many connections) or set BROKER_REDIS_URL"
+        )
+    if settings.single_instance and settings.workers > 1:
+        problems.append(
+            f"BROKER_SINGLE_INSTANCE=true needs BROKER_WORKERS=1 (got {settings.workers}): it lets a refresh go on "
+            "without Redis while Redis is out, which is safe only when one process is the broker's only one"
+        )
+    lease = settings.connect_timeout + settings.refresh_answer_limit
+    if settings.redis_url and settings.refresh_grace_seconds >= lease:
+        problems.append(
+            f"BROKER_REFRESH_GRACE_SECONDS ({settings.refresh_grace_seconds:g}s) must be shorter than "
+            f"KEYCLOAK_CONNECT_TIMEOUT + BROKER_REFRESH_ANSWER_LIMIT ({lease:g}s) with BROKER_REDIS_URL: a refresh's "
+            "Redis lock must outlast the time the broker keeps trying to share its outcome"
+        )
+    if settings.refresh_answer_limit < settings.read_timeout:
+        problems.append(
+            f"BROKER_REFRESH_ANSWER_LIMIT ({settings.refresh_answer_limit:g}s) must be at least "
+            f"KEYCLOAK_READ_TIMEOUT ({settings.read_timeout:g}s): the broker keeps reading a refresh's answer "
+            "after its caller stopped waiting"
+        )
+    longest = settings.connect_timeout + settings.refresh_answer_limit
+    for name, value in (("BROKER_WORKER_TIMEOUT", settings.worker_timeout),
+                        ("BROKER_GRACEFUL_TIMEOUT", settings.graceful_timeout)):
+        if value <= longest:
+            problems.append(
+                f"{name} ({value}s) must be longer than the longest refresh, KEYCLOAK_CONNECT_TIMEOUT + "
+                f"BROKER_REFRESH_ANSWER_LIMIT ({longest:g}s): otherwise a worker can be stopped while Keycloak "
+                "is answering a refresh, and that answer is lost"
+            )
+    return problems

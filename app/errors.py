@@ -1,52 +1,67 @@
-"""The broker's error tree and the one handler that renders every failure as {"error", "message"}.
+"""The broker's error tree: every failure a client is told about, with its status and stable `error` code.
 
-    BrokerError                      status  error
-    ├── InvalidRequest                 400   invalid_request
-    ├── RefreshTokenRequired           400   refresh_token_required
-    ├── RefreshRejected                400   invalid_grant            (Keycloak refused a refresh token)
-    ├── InvalidScope                   400   invalid_scope
-    ├── LoginRejected                  401   invalid_grant            (Keycloak refused a password login)
-    ├── AccessTokenRequired            401   access_token_required    (+ WWW-Authenticate)
-    ├── InvalidToken                   401   invalid_token            (+ WWW-Authenticate, X-Token-Expired)
-    ├── CsrfFailed                     403   csrf_failed              (cookie mode)
-    ├── NotFound                       404   not_found
-    ├── MethodNotAllowed               405   method_not_allowed
-    ├── PayloadTooLarge                413   payload_too_large
-    ├── UnsupportedMediaType           415   unsupported_media_type
-    ├── RateLimited                    429   rate_limited             (+ Retry-After)
-    ├── InternalError                  500   internal_error
-    ├── ClientRejected                 502   unauthorized_client | invalid_client
-    ├── UpstreamError                  502   upstream_error
-    ├── UpstreamUnavailable            503   upstream_unavailable     (+ Retry-After)
-    └── UpstreamTimeout                504   upstream_timeout
+    BrokerError                        status  error
+    ├── RequestRefused                          (the request itself is wrong; nothing was asked of Keycloak)
+    │   ├── InvalidRequest               400   invalid_request
+    │   ├── RefreshTokenRequired         400   refresh_token_required
+    │   ├── CsrfFailed                   403   csrf_failed              (cookie mode)
+    │   ├── NotFound                     404   not_found
+    │   ├── MethodNotAllowed             405   method_not_allowed       (+ Allow)
+    │   ├── PayloadTooLarge              413   payload_too_large
+    │   ├── UnsupportedMediaType         415   unsupported_media_type
+    │   ├── RateLimited                  429   rate_limited             (+ Retry-After)
+    │   └── HttpError                    4xx   the status's name        (any other HTTP error of the framework)
+    ├── Unauthenticated                         (a bearer route without a usable access token)
+    │   ├── AccessTokenRequired          401   access_token_required    (+ WWW-Authenticate)
+    │   └── InvalidToken                 401   invalid_token            (+ WWW-Authenticate, X-Token-Expired)
+    ├── KeycloakRefused                         (Keycloak answered and said no: retrying the same call is useless)
+    │   ├── RefreshRejected              400   invalid_grant            (the refresh token's session is over)
+    │   ├── InvalidScope                 400   invalid_scope
+    │   ├── LoginRejected                401   invalid_grant            (wrong password, disabled account, ...)
+    │   └── ClientRejected               502   unauthorized_client      (the broker's own client: an operator problem)
+    │       └── InvalidClient            502   invalid_client
+    ├── UpstreamFailure                         (no usable answer: try again later, with the same refresh token)
+    │   ├── UpstreamError                502   upstream_error
+    │   ├── UpstreamUnavailable          503   upstream_unavailable     (+ Retry-After)
+    │   │   ├── AnswerLost               503   upstream_unavailable     (the connection broke after sending)
+    │   │   ├── UpstreamBusy             503   upstream_unavailable     (BROKER_UPSTREAM_CONCURRENCY reached)
+    │   │   └── CoordinationUnavailable  503   upstream_unavailable     (Redis or the local store is out)
+    │   └── UpstreamTimeout              504   upstream_timeout
+    │       └── AnswerKept               504   upstream_timeout         (a refresh goes on; its answer is kept)
+    └── InternalError                    500   internal_error
 
-The `error` codes are published in docs/errors.md and never change.
+The `error` codes are published in docs/errors.md and never change; classes under the same code differ in
+their message only. This module is plain Python: the web layer (app/web/errors.py) renders these errors.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-
-from flask import Flask, Response, current_app, g, jsonify
-from werkzeug.exceptions import HTTPException
-
-log = logging.getLogger(__name__)
+from typing import ClassVar
 
 
 class BrokerError(Exception):
-    """A failure the client is told about: `status`, stable `error` code and a one-sentence `message`."""
+    """A failure the client is told about: `status`, stable `error` code, one-sentence `message`, headers."""
 
     status: int = 500
     error: str = "internal_error"
     message: str = "The broker failed to handle the request"
+    # Every concrete (status, error) pair and the most general class that carries it: see `restore`.
+    _by_code: ClassVar[dict[tuple[int, str], type["BrokerError"]]] = {}
 
-    def __init__(self, message: str | None = None, *, error: str | None = None, headers: dict | None = None):
+    def __init_subclass__(cls, *, abstract: bool = False, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not abstract:  # the branches of the tree group errors; only its leaves are restored
+            BrokerError._by_code.setdefault((cls.status, cls.error), cls)
+
+    def __init__(self, message: str | None = None, *, error: str | None = None, status: int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message or self.message)
         if message is not None:
             self.message = message
         if error is not None:
             self.error = error
+        if status is not None:
+            self.status = status
         self.headers: dict[str, str] = dict(headers or {})
 
     def __repr__(self) -> str:
@@ -56,31 +71,90 @@ class BrokerError(Exception):
         """The response body, exactly the contract's two keys."""
         return {"error": self.error, "message": self.message}
 
+    def parts(self) -> dict[str, object]:
+        """What `restore` needs to build this error again in another process (no traceback, no cause)."""
+        return {"status": self.status, "error": self.error, "message": self.message, "headers": dict(self.headers)}
 
-class InvalidRequest(BrokerError):
+    @staticmethod
+    def restore(status: int, error: str, message: str, headers: dict[str, str]) -> "BrokerError":
+        """The error `parts()` described, as the most general class with that status and code."""
+        cls = BrokerError._by_code.get((status, error), BrokerError)
+        restored = cls.__new__(cls)
+        BrokerError.__init__(restored, message, error=error, status=status, headers=headers)
+        return restored
+
+
+class RequestRefused(BrokerError, abstract=True):
+    """The request itself is wrong (its body, its method, its rate): nothing was asked of Keycloak."""
+
+
+class InvalidRequest(RequestRefused):
+    """A body that is not JSON or a form, or a field that is missing, blank, of the wrong type or too long."""
+
     status, error, message = 400, "invalid_request", "The request body is not valid"
 
 
-class RefreshTokenRequired(BrokerError):
+class RefreshTokenRequired(RequestRefused):
+    """Refresh or logout without a refresh token (in the body, or in the cookie in cookie mode)."""
+
     status, error, message = 400, "refresh_token_required", "Refresh token is required"
 
 
-class RefreshRejected(BrokerError):
-    status, error, message = 400, "invalid_grant", "Invalid refresh token"
+class CsrfFailed(RequestRefused):
+    """Cookie mode: a login, refresh or logout without the CSRF header, or from an origin that is not allowed."""
+
+    status, error, message = 403, "csrf_failed", "This request needs the CSRF header and an allowed origin"
 
 
-class InvalidScope(BrokerError):
-    status, error, message = 400, "invalid_scope", "The requested scope is not allowed for this client"
+class NotFound(RequestRefused):
+    """No route has this path."""
+
+    status, error, message = 404, "not_found", "No such route"
 
 
-class LoginRejected(BrokerError):
-    status, error, message = 401, "invalid_grant", "Invalid username or password"
+class MethodNotAllowed(RequestRefused):
+    """The route exists but not with this method; the answer names the allowed ones in `Allow`."""
+
+    status, error, message = 405, "method_not_allowed", "This method is not allowed on this route"
+
+
+class PayloadTooLarge(RequestRefused):
+    """A body over BROKER_MAX_BODY_BYTES, declared or streamed."""
+
+    status, error, message = 413, "payload_too_large", "The request body is too large"
+
+
+class UnsupportedMediaType(RequestRefused):
+    """A body that is neither JSON nor a form."""
+
+    status = 415
+    error = "unsupported_media_type"
+    message = "Send the body as application/json or application/x-www-form-urlencoded"
+
+
+class RateLimited(RequestRefused):
+    """A rate limit refused the request; `Retry-After` says when the window resets."""
+
+    status, error, message = 429, "rate_limited", "Too many attempts; try again later"
+
+    def __init__(self, retry_after: int | None = None):
+        super().__init__(headers={"Retry-After": str(retry_after)} if retry_after is not None else None)
+
+
+class HttpError(RequestRefused):
+    """Any other HTTP error the framework raises (rare: 416, 431, ...), named after its status."""
+
+    status, error, message = 400, "bad_request", "Bad Request"
+
+
+class Unauthenticated(BrokerError, abstract=True):
+    """A bearer route without a usable access token: 401 with an RFC 6750 challenge."""
 
 
 BEARER_REALM = "token-broker"
 
 
-class AccessTokenRequired(BrokerError):
+class AccessTokenRequired(Unauthenticated):
     """No `Authorization: Bearer` on a bearer route (RFC 6750 3.1: no error code in the challenge)."""
 
     status, error, message = 401, "access_token_required", "An access token is required"
@@ -89,10 +163,11 @@ class AccessTokenRequired(BrokerError):
         super().__init__(message, headers={"WWW-Authenticate": f'Bearer realm="{BEARER_REALM}"'})
 
 
-class InvalidToken(BrokerError):
+class InvalidToken(Unauthenticated):
     """A bearer token that is malformed, forged, expired, of the wrong type or for another issuer."""
 
     status, error, message = 401, "invalid_token", "Invalid access token"
+    expired = False
 
     def __init__(self, message: str | None = None, *, expired: bool = False):
         description = (message or self.message).replace('"', "'")
@@ -106,120 +181,88 @@ class InvalidToken(BrokerError):
         self.expired = expired
 
 
-class CsrfFailed(BrokerError):
-    status = 403
-    error = "csrf_failed"
-    message = "This request needs the CSRF header and an allowed origin"
+class KeycloakRefused(BrokerError, abstract=True):
+    """Keycloak answered and refused (an OAuth error in its body): asking again the same way will not help."""
 
 
-class NotFound(BrokerError):
-    status, error, message = 404, "not_found", "No such route"
+class RefreshRejected(KeycloakRefused):
+    """Keycloak refused a refresh token (expired, spent, session ended): the user must log in again."""
+
+    status, error, message = 400, "invalid_grant", "Invalid refresh token"
 
 
-class MethodNotAllowed(BrokerError):
-    status, error, message = 405, "method_not_allowed", "This method is not allowed on this route"
+class InvalidScope(KeycloakRefused):
+    """A scope the broker's client may not have."""
+
+    status, error, message = 400, "invalid_scope", "The requested scope is not allowed for this client"
 
 
-class PayloadTooLarge(BrokerError):
-    status, error, message = 413, "payload_too_large", "The request body is too large"
+class LoginRejected(KeycloakRefused):
+    """Keycloak refused a password login: wrong credentials, a disabled or half-set-up account."""
+
+    status, error, message = 401, "invalid_grant", "Invalid username or password"
 
 
-class UnsupportedMediaType(BrokerError):
-    status = 415
-    error = "unsupported_media_type"
-    message = "Send the body as application/json or application/x-www-form-urlencoded"
-
-
-class RateLimited(BrokerError):
-    status, error, message = 429, "rate_limited", "Too many attempts; try again later"
-
-
-class InternalError(BrokerError):
-    status, error, message = 500, "internal_error", "The broker failed to handle the request"
-
-
-class ClientRejected(BrokerError):
-    """Keycloak refused the broker's own client: an operator problem, never the caller's."""
+class ClientRejected(KeycloakRefused):
+    """Keycloak refused the broker's own client (wrong secret, grant disabled): an operator problem."""
 
     status, error, message = 502, "unauthorized_client", "The broker is misconfigured; try again later"
 
 
-class UpstreamError(BrokerError):
+class InvalidClient(ClientRejected):
+    """Keycloak does not know the broker's client, or could not authenticate it."""
+
+    error = "invalid_client"
+
+
+class UpstreamFailure(BrokerError, abstract=True):
+    """No usable answer from Keycloak (or from the broker's coordination store): try again later."""
+
+
+class UpstreamError(UpstreamFailure):
+    """Keycloak answered something unusable: a 5xx, HTML from a proxy, JSON without the fields it must have."""
+
     status, error, message = 502, "upstream_error", "The identity provider returned an unusable answer"
 
 
-class UpstreamUnavailable(BrokerError):
+class UpstreamUnavailable(UpstreamFailure):
+    """Keycloak cannot be reached; the answer carries `Retry-After`."""
+
     status, error, message = 503, "upstream_unavailable", "The identity provider cannot be reached; try again later"
 
 
-class UpstreamTimeout(BrokerError):
+class AnswerLost(UpstreamUnavailable):
+    """The connection broke after the request was sent: Keycloak may have acted on it."""
+
+    message = "The connection to the identity provider broke before its answer arrived; try again"
+
+
+class UpstreamBusy(UpstreamUnavailable):
+    """BROKER_UPSTREAM_CONCURRENCY calls to Keycloak are in flight already: refused at once, nothing sent."""
+
+    message = "Too many requests are waiting for the identity provider; try again shortly"
+
+
+class CoordinationUnavailable(UpstreamUnavailable):
+    """The refresh could not be coordinated with the broker's other processes (Redis or the local store)."""
+
+    message = "The broker cannot coordinate this refresh with its other processes right now; try again shortly"
+
+
+class UpstreamTimeout(UpstreamFailure):
+    """Keycloak did not answer within the read timeout."""
+
     status, error, message = 504, "upstream_timeout", "The identity provider did not answer in time"
 
 
-# Messages of the 5xx answers under faults (docs/reliability.md): each says what happened and what to do.
-ANSWER_KEPT = (
-    "The identity provider did not answer in time; retry with the same refresh token: the broker keeps its "
-    "answer if one arrives"
-)
-ANSWER_LOST = "The connection to the identity provider broke before its answer arrived; try again"
-UPSTREAM_BUSY = "Too many requests are waiting for the identity provider; try again shortly"
-COORDINATION_UNAVAILABLE = (
-    "The broker cannot coordinate this refresh with its other processes right now; try again shortly"
-)
+class AnswerKept(UpstreamTimeout):
+    """A refresh's caller stopped waiting; the refresh goes on and its outcome is kept for a retry."""
+
+    message = (
+        "The identity provider did not answer in time; retry with the same refresh token: the broker keeps its "
+        "answer if one arrives"
+    )
 
 
-_HTTP_ERRORS: dict[int, type[BrokerError]] = {
-    400: InvalidRequest,
-    404: NotFound,
-    405: MethodNotAllowed,
-    413: PayloadTooLarge,
-    415: UnsupportedMediaType,
-    429: RateLimited,
-}
-
-
-def _from_http_exception(exc: HTTPException) -> BrokerError:
-    """Translate Flask/werkzeug's own HTTP errors into the fixed shape."""
-    known = _HTTP_ERRORS.get(exc.code or 500)
-    if known is not None:
-        error = known()
-    else:
-        error = BrokerError(exc.name, error=re.sub(r"\W+", "_", exc.name.lower()).strip("_"))
-        error.status = exc.code or 500
-    if exc.code == 405 and exc.response is None:
-        allowed = getattr(exc, "valid_methods", None)
-        if allowed:
-            error.headers["Allow"] = ", ".join(sorted(allowed))
-    return error
-
-
-def error_response(error: BrokerError) -> Response:
-    """Render a BrokerError as the contract's JSON body with its status and headers."""
-    response = jsonify(error.body())
-    response.status_code = error.status
-    for name, value in error.headers.items():
-        response.headers[name] = value
-    if error.status == 503:
-        response.headers.setdefault("Retry-After", str(current_app.config["BROKER_SETTINGS"].upstream_retry_after))
-    return response
-
-
-def register_error_handlers(app: Flask) -> None:
-    """Route every failure, Flask's own 404/405/413 and unexpected exceptions included, through one envelope."""
-
-    @app.errorhandler(BrokerError)
-    def _broker_error(error: BrokerError) -> Response:
-        g.error_code = error.error
-        return error_response(error)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        if exc.code == 429 and exc.response is not None:
-            return exc.response  # the rate limiter's own 429, already in the fixed shape with Retry-After
-        return _broker_error(_from_http_exception(exc))
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        # The traceback goes to the log with the request id; the client learns nothing but the code.
-        log.exception("unhandled %s (request_id=%s)", type(exc).__name__, g.get("request_id", "-"))
-        return _broker_error(InternalError())
+class InternalError(BrokerError):
+    """A bug in the broker: the traceback goes to the log with the request id, the client learns nothing else."""

@@ -8,7 +8,7 @@ a replayed refresh-token POST is a reuse and Keycloak ends the session on reuse.
 
 Isolation: at most BROKER_UPSTREAM_CONCURRENCY calls are in flight at once; beyond that a call fails at
 once with 503, so a hung Keycloak holds a bounded number of requests. A refresh is read for up to
-BROKER_REFRESH_ANSWER_LIMIT seconds (its caller may stop waiting earlier; see app.sessions), every other
+BROKER_REFRESH_ANSWER_LIMIT seconds (its caller may stop waiting earlier; see app.refresh_coalescing), every other
 call for KEYCLOAK_READ_TIMEOUT. A connection that breaks after the request may have reached Keycloak is
 told apart from one that never connected: the first answers 503 with a message that says so.
 """
@@ -29,10 +29,10 @@ from urllib3.util.retry import Retry
 
 from app.config import Settings
 from app.errors import (
-    ANSWER_LOST,
-    UPSTREAM_BUSY,
+    AnswerLost,
     BrokerError,
     ClientRejected,
+    UpstreamBusy,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -242,7 +242,7 @@ class KeycloakClient:
             log.warning("%d calls to Keycloak are already in flight (BROKER_UPSTREAM_CONCURRENCY); refusing %s",
                         self.settings.upstream_concurrency, operation)
             KEYCLOAK_LATENCY.labels(operation, "busy").observe(0.0)
-            raise UpstreamUnavailable(UPSTREAM_BUSY)
+            raise UpstreamBusy()
         timeout = timeout or self._timeout
         started = time.perf_counter()
         failure: str | None = None
@@ -259,7 +259,7 @@ class KeycloakClient:
             if _broke_after_sending(exc):
                 failure = "lost"
                 log.warning("the connection to Keycloak broke during %s before its answer arrived", operation)
-                raise UpstreamUnavailable(ANSWER_LOST) from None
+                raise AnswerLost() from None
             failure = "unreachable"
             log.warning("Keycloak unreachable during %s: %s", operation, type(exc).__name__)
             raise UpstreamUnavailable() from None
@@ -270,7 +270,7 @@ class KeycloakClient:
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
             failure = "lost"
             log.warning("the connection to Keycloak broke during %s in the middle of its answer", operation)
-            raise UpstreamUnavailable(ANSWER_LOST) from None
+            raise AnswerLost() from None
         except requests.RequestException as exc:
             failure = "error"
             log.warning("Keycloak %s failed: %s", operation, type(exc).__name__)

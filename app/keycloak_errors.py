@@ -15,6 +15,7 @@ from typing import Callable
 from app.errors import (
     BrokerError,
     ClientRejected,
+    InvalidClient,
     InvalidScope,
     LoginRejected,
     RefreshRejected,
@@ -51,10 +52,6 @@ class Rule:
         )
 
 
-def _client(error: str) -> Callable[[], BrokerError]:
-    return lambda: ClientRejected(error=error)
-
-
 def _login(message: str) -> Callable[[], BrokerError]:
     return lambda: LoginRejected(message)
 
@@ -70,8 +67,8 @@ INVALID_REFRESH = "Invalid refresh token"
 
 RULES: tuple[Rule, ...] = (
     # The broker's own client: an operator problem (wrong secret, unknown client, grant disabled).
-    Rule(OPERATIONS, "invalid_client", ANY, _client("invalid_client"), "unknown, disabled or unauthenticated client"),
-    Rule(OPERATIONS, "unauthorized_client", ANY, _client("unauthorized_client"),
+    Rule(OPERATIONS, "invalid_client", ANY, InvalidClient, "unknown, disabled or unauthenticated client"),
+    Rule(OPERATIONS, "unauthorized_client", ANY, ClientRejected,
          "wrong client secret, or direct access grants disabled for the client"),
     # Password grant.
     Rule((LOGIN,), "invalid_grant", "Invalid user credentials", _login("Invalid username or password"),
@@ -84,7 +81,7 @@ RULES: tuple[Rule, ...] = (
          _login("Account is not fully set up; finish setting it up in the account console"),
          "a pending required action, or a missing email, first or last name"),
     Rule((LOGIN,), "invalid_grant", ANY, _login("Login was refused"), "any other refusal of a password login"),
-    Rule((LOGIN, REFRESH), "invalid_scope", ANY, lambda: InvalidScope(), "a scope the client may not have"),
+    Rule((LOGIN, REFRESH), "invalid_scope", ANY, InvalidScope, "a scope the client may not have"),
     # Refresh grant.
     Rule((REFRESH,), "invalid_grant", "Token is not active", _refresh(EXPIRED), "past `refresh_expires_in`"),
     Rule((REFRESH,), "invalid_grant", "Maximum allowed refresh token reuse exceeded", _refresh(REUSED),
@@ -101,7 +98,7 @@ RULES: tuple[Rule, ...] = (
          _refresh("Refresh token was issued to another client"), "a refresh token of another client of the realm"),
     Rule((REFRESH, LOGOUT), "invalid_grant", ANY, _refresh(INVALID_REFRESH),
          "garbage, wrong signature, not a refresh token, or any other refusal"),
-    Rule((REFRESH, LOGOUT), "invalid_request", "No refresh token", lambda: RefreshTokenRequired(),
+    Rule((REFRESH, LOGOUT), "invalid_request", "No refresh token", RefreshTokenRequired,
          "not reached in practice: the broker refuses a missing token before calling Keycloak"),
 )
 

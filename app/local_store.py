@@ -8,7 +8,7 @@ SQLite database in BROKER_STATE_DIR (a directory gunicorn's master creates for i
 metrics one), so every process of this instance, old or new, sees them.
 
 It has RedisOutcomes' interface, so the coalescer's cross-process logic serves both. Records are named by
-a keyed hash of the token and outcomes are sealed with a key derived from it (app.sessions), so the file
+a keyed hash of the token and outcomes are sealed with a key derived from it (app.refresh_coalescing), so the file
 holds nothing usable without the token. SQLite errors (a full disk, say) raise SharedStoreDown.
 """
 
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from app.sessions import SHARE_BRIEFLY_SECONDS, FlightKey, Outcome, keeps, seal, unseal
+from app.refresh_coalescing import SHARE_BRIEFLY_SECONDS, FlightKey, Outcome, keeps, seal, unseal
 from app.shared_store import SharedStoreBusy, SharedStoreDown
 
 log = logging.getLogger(__name__)

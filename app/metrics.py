@@ -7,9 +7,7 @@ starts, so every worker writes its samples there and /metrics adds them up acros
 from __future__ import annotations
 
 import os
-import time
 
-from flask import Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -60,14 +58,3 @@ def exposition() -> tuple[bytes, str]:
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
-
-def observe_request(response: Response) -> None:
-    """Count and time the request that `response` answers (called from the app's after_request)."""
-    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-    started = g.get("started")
-    if started is not None:
-        HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
-    error = g.get("error_code")
-    if error:
-        ERRORS.labels(error).inc()

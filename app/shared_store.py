@@ -94,7 +94,7 @@ class SharedStore:
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, retry_seconds: float) -> "SharedStore":
-        """A store for REDIS_URL with `timeout` seconds per connect and per command, and no retries."""
+        """A store for BROKER_REDIS_URL with `timeout` seconds per connect and per command, and no retries."""
         client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
             health_check_interval=0,

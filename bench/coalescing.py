@@ -110,7 +110,7 @@ def main() -> None:
         setups = [
             ("1 worker, coalescing", dict(BROKER_WORKERS="1")),
             ("3 workers, coalescing via Redis", dict(BROKER_WORKERS="3",
-                                                     REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0")),
+                                                     BROKER_REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0")),
             ("1 worker, coalescing off", dict(BROKER_WORKERS="1",
                                               BROKER_REFRESH_COALESCING="false")),
         ]

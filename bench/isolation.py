@@ -28,7 +28,7 @@ Worker models, each `.venv/bin/python -m gunicorn --config gunicorn.conf.py` plu
 - `gthread`: the old model's 16 threads, `--worker-class gthread --workers 1 --threads 16` (one process,
   so that it runs with the same settings as gevent; BROKER_WORKERS is never set in the environment).
 
-Both run with REDIS_URL and BROKER_SINGLE_INSTANCE=true, as compose runs the broker: while Redis is out a
+Both run with BROKER_REDIS_URL and BROKER_SINGLE_INSTANCE=true, as compose runs the broker: while Redis is out a
 refresh goes on to Keycloak (coalesced in the process) instead of answering 503 at once, so in goal B the
 refreshes really wait on the hung Keycloak.
 
@@ -427,9 +427,9 @@ def start_redis(port: int) -> subprocess.Popen:
 
 def broker_environment(port: int, keycloak_url: str, redis_url: str, metrics_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("KEYCLOAK_", "BROKER_")) and k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
+           if not k.startswith(("KEYCLOAK_", "BROKER_")) and k not in ("BROKER_REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
     env.update(KEYCLOAK_URL=keycloak_url, KEYCLOAK_CLIENT_SECRET=CLIENT_SECRET, BROKER_BIND=f"127.0.0.1:{port}",
-               REDIS_URL=redis_url, BROKER_SINGLE_INSTANCE="true", BROKER_RATE_LIMITS_ENABLED="false",
+               BROKER_REDIS_URL=redis_url, BROKER_SINGLE_INSTANCE="true", BROKER_RATE_LIMITS_ENABLED="false",
                PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     return env
 

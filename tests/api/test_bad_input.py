@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.conftest import body_of
+from tests.support.keycloak_stub import body_of
 
 REQUIRED = {"error": "refresh_token_required", "message": "Refresh token is required"}
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from app import create_app
-from tests.api.conftest import INTROSPECTION_URL, JWKS_URL, body_of
+from tests.support.keycloak_stub import INTROSPECTION_URL, JWKS_URL, body_of
 from tests.support.realm_keys import RealmKeys, b64
 
 BOB = {
@@ -256,38 +256,38 @@ def test_no_keys_and_no_keycloak_is_503_not_401(client, keycloak):
 
 
 @pytest.fixture
-def online(settings, keycloak):
-    """A client of a broker with the online check (introspection) on."""
-    return create_app(replace(settings, introspection=True, introspection_cache_seconds=30)).test_client()
+def introspecting(settings, keycloak):
+    """A client of a broker with introspection (BROKER_TOKEN_INTROSPECTION) on."""
+    return create_app(replace(settings, token_introspection=True, introspection_cache_seconds=30)).test_client()
 
 
-def test_online_check_accepts_an_active_token_and_caches_the_verdict(online, keycloak):
+def test_introspection_accepts_an_active_token_and_caches_the_verdict(introspecting, keycloak):
     """With introspection on, an active token passes, and a repeat within the cache time asks Keycloak nothing."""
     keycloak.introspects(active=True)
     token = keycloak.realm_keys.token()
-    assert online.get("/api/auth/verify", headers=bearer(token)).status_code == 204
-    assert online.get("/api/auth/verify", headers=bearer(token)).status_code == 204
+    assert introspecting.get("/api/auth/verify", headers=bearer(token)).status_code == 204
+    assert introspecting.get("/api/auth/verify", headers=bearer(token)).status_code == 204
     assert keycloak.calls_to(INTROSPECTION_URL) == 1
 
 
-def test_online_check_refuses_a_token_whose_session_ended(online, keycloak):
+def test_introspection_refuses_a_token_whose_session_ended(introspecting, keycloak):
     """With introspection on, a validly signed token of an ended session is 401 invalid_token."""
     keycloak.introspects(active=False)
-    status, body, headers = _refused(online, keycloak.realm_keys.token())
+    status, body, headers = _refused(introspecting, keycloak.realm_keys.token())
     assert (status, body) == (401, invalid("The session of this access token has ended"))
     assert "X-Token-Expired" not in headers
 
 
-def test_online_check_is_503_when_keycloak_cannot_say(online, keycloak):
+def test_introspection_is_503_when_keycloak_cannot_say(introspecting, keycloak):
     """With introspection on and Keycloak unreachable, the answer is 503, not a 401 that would log users out."""
-    online.get("/ready")  # keys in hand
+    introspecting.get("/ready")  # keys in hand
     keycloak.mock.post(INTROSPECTION_URL, body=requests.ConnectionError("refused"))
-    response = online.get("/api/auth/verify", headers=bearer(keycloak.realm_keys.token()))
+    response = introspecting.get("/api/auth/verify", headers=bearer(keycloak.realm_keys.token()))
     assert response.status_code == 503
 
 
-def test_online_check_never_runs_for_an_invalid_token(online, keycloak):
+def test_introspection_never_runs_for_an_invalid_token(introspecting, keycloak):
     """A forged token is refused locally; Keycloak is not asked."""
     keycloak.introspects(active=True)
-    online.get("/api/auth/verify", headers=bearer(keycloak.realm_keys.token()[:-4] + "AAAA"))
+    introspecting.get("/api/auth/verify", headers=bearer(keycloak.realm_keys.token()[:-4] + "AAAA"))
     assert keycloak.calls_to(INTROSPECTION_URL) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -12,7 +13,8 @@ import pytest
 import responses
 
 from app import create_app
-from tests.api.conftest import CONTRACT_TOKENS, KEYCLOAK_TOKENS, LOGOUT_URL, TOKEN_URL, body_of
+from tests.support.keycloak_stub import CONTRACT_TOKENS, KEYCLOAK_TOKENS, LOGOUT_URL, TOKEN_URL, body_of
+from tests.support.metrics import changes, samples, series
 
 FRONTEND = "https://app.example.test"
 
@@ -93,11 +95,13 @@ def test_a_late_duplicate_within_the_grace_window_gets_the_same_tokens(settings,
 
 
 def test_coalesced_refreshes_are_counted(app, keycloak):
-    """/metrics tells coalesced refreshes from upstream ones."""
+    """/metrics tells coalesced refreshes from upstream ones: five identical refreshes, one grant, four joined it."""
     slow_token_endpoint(keycloak, delay=0.1)
+    before = samples(app.test_client())
     parallel_refreshes(app, 5, token="rt-metrics")
-    text = app.test_client().get("/metrics").get_data(as_text=True)
-    assert 'broker_refreshes_total{kind="coalesced"}' in text
+    after = samples(app.test_client())
+    upstream, coalesced = series("broker_refreshes_total", kind="upstream"), series("broker_refreshes_total", kind="coalesced")
+    assert changes(before, after, upstream, coalesced) == {upstream: 1, coalesced: 4}
 
 
 # --- cookie mode ---------------------------------------------------------------------------------------------
@@ -257,6 +261,16 @@ def limited(settings, keycloak):
 
 
 RATE_LIMITED = {"error": "rate_limited", "message": "Too many attempts; try again later"}
+
+
+def test_a_broker_without_rate_limits_serves_logins_after_a_garbage_collection(settings, keycloak):
+    """BROKER_RATE_LIMITS_ENABLED=false: the app still holds its (disabled) limiter, whose views refer to it weakly."""
+    keycloak.issues_tokens()
+    client = create_app(replace(settings, rate_limits_enabled=False)).test_client()
+    gc.collect()
+    response = client.post("/api/auth/login", json={"username": "alice", "password": "pw"})
+    assert (response.status_code, body_of(response)) == (
+        200, {"message": "Login successful", "token": CONTRACT_TOKENS})
 
 
 def test_refused_logins_of_one_user_trip_the_per_user_limit(limited, keycloak):

@@ -9,7 +9,7 @@ import pytest
 import requests
 import responses
 
-from tests.api.conftest import JWKS_URL, body_of
+from tests.support.keycloak_stub import JWKS_URL, body_of
 
 
 def test_a_sane_request_id_is_echoed(client):

@@ -7,7 +7,7 @@ import logging
 import pytest
 import requests
 
-from tests.api.conftest import LOGOUT_URL, SECRET, KeycloakStub, body_of
+from tests.support.keycloak_stub import LOGOUT_URL, SECRET, KeycloakStub, body_of
 
 LOGIN = ("/api/auth/login", {"username": "alice", "password": "alice-password"})
 REFRESH = ("/api/auth/refresh-token", {"refresh_token": "rt"})

@@ -8,7 +8,8 @@ import logging
 import requests
 
 from app.logs import JsonFormatter
-from tests.api.conftest import LOGOUT_URL
+from tests.support.keycloak_stub import LOGOUT_URL
+from tests.support.metrics import changes, samples, series
 
 MARKERS = {
     "password": "pw-MARKER-7f3a",
@@ -56,27 +57,39 @@ def test_no_secret_reaches_any_log_line(client, keycloak, caplog):
 
 
 def test_metrics_count_requests_errors_and_keycloak_calls(client, keycloak):
-    """/metrics exposes request counts by route and status, error codes, and Keycloak call timings."""
+    """/metrics counts each request by route, method and status, each error code, and each Keycloak call."""
     keycloak.refuses(400, "invalid_grant", "Token is not active")
+    before = samples(client)
     client.post("/api/auth/refresh-token", json={"refresh_token": "rt"})
     client.get("/no-such-route")
     response = client.get("/metrics")
-    text = response.get_data(as_text=True)
-    assert response.status_code == 200 and response.mimetype == "text/plain"
-    assert 'broker_http_requests_total{method="POST",route="/api/auth/refresh-token",status="400"}' in text
-    assert 'broker_http_requests_total{method="GET",route="unmatched",status="404"}' in text
-    assert 'broker_errors_total{error="invalid_grant"}' in text
-    assert 'broker_keycloak_request_duration_seconds_count{operation="refresh",outcome="refused"}' in text
-    assert 'broker_keycloak_request_duration_seconds_count{operation="discovery",outcome="ok"}' in text
-    assert 'broker_refreshes_total{kind="upstream"}' in text
-    assert 'broker_http_request_duration_seconds_bucket{le="0.005",route="/api/auth/refresh-token"}' in text
+    after = samples(client)
+    refresh = series("broker_http_requests_total", method="POST", route="/api/auth/refresh-token", status="400")
+    unmatched = series("broker_http_requests_total", method="GET", route="unmatched", status="404")
+    metrics = series("broker_http_requests_total", method="GET", route="/metrics", status="200")
+    refused = series("broker_errors_total", error="invalid_grant")
+    not_found = series("broker_errors_total", error="not_found")
+    keycloak_refresh = series("broker_keycloak_request_duration_seconds_count", operation="refresh", outcome="refused")
+    discovery = series("broker_keycloak_request_duration_seconds_count", operation="discovery", outcome="ok")
+    upstream = series("broker_refreshes_total", kind="upstream")
+    timed = series("broker_http_request_duration_seconds_count", route="/api/auth/refresh-token")
+    assert (response.status_code, response.mimetype) == (200, "text/plain")
+    # The /metrics reading itself counts once between the two readings (the first reading is counted after it).
+    assert changes(before, after, refresh, unmatched, metrics, refused, not_found, keycloak_refresh, discovery,
+                   upstream, timed) == {
+        refresh: 1, unmatched: 1, metrics: 2, refused: 1, not_found: 1, keycloak_refresh: 1, discovery: 1,
+        upstream: 1, timed: 1,
+    }
 
 
 def test_metrics_count_token_validations(client, keycloak):
-    """Bearer checks are counted by outcome."""
+    """Bearer checks are counted by outcome, and the first one fetched the realm's keys once."""
+    before = samples(client)
     client.get("/api/auth/verify", headers={"Authorization": f"Bearer {keycloak.realm_keys.token()}"})
     client.get("/api/auth/verify", headers={"Authorization": "Bearer not.a.token"})
-    text = client.get("/metrics").get_data(as_text=True)
-    assert 'broker_token_validations_total{outcome="valid"}' in text
-    assert 'broker_token_validations_total{outcome="invalid"}' in text
-    assert 'broker_jwks_fetches_total{outcome="ok"}' in text
+    client.get("/api/auth/verify", headers={"Authorization": "Bearer not.a.token"})
+    after = samples(client)
+    valid = series("broker_token_validations_total", outcome="valid")
+    invalid = series("broker_token_validations_total", outcome="invalid")
+    fetched = series("broker_jwks_fetches_total", outcome="ok")
+    assert changes(before, after, valid, invalid, fetched) == {valid: 1, invalid: 2, fetched: 1}

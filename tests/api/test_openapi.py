@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.api.conftest import body_of
+from tests.support.keycloak_stub import body_of
 
 SERVICE_ONLY = {"/api/openapi.json", "/api/docs", "/api/docs/static/swagger-init.js", "/api/docs/static/<path:filename>",
                 "/static/<path:filename>"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.conftest import CONTRACT_TOKENS, KEYCLOAK_TOKENS, LOGOUT_URL, SECRET, body_of
+from tests.support.keycloak_stub import CONTRACT_TOKENS, KEYCLOAK_TOKENS, LOGOUT_URL, SECRET, body_of
 
 
 def test_login_returns_only_the_contract_token_fields(client, keycloak):

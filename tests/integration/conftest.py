@@ -224,7 +224,7 @@ def broker_url(keycloak_server: KeycloakServer, broker_log: Path) -> Iterator[st
 
 @pytest.fixture(scope="session")
 def start_broker(keycloak_server: KeycloakServer, tmp_path_factory) -> Iterator[Callable[..., str]]:
-    """Factory for more brokers with settings of their own (BROKER_* / REDIS_URL); all stopped at the end."""
+    """Factory for more brokers with settings of their own (BROKER_* / BROKER_REDIS_URL); all stopped at the end."""
     running: list[subprocess.Popen] = []
     ports = iter(range(BROKER_PORT + 1, BROKER_PORT + 50))
 

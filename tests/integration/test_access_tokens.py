@@ -1,4 +1,4 @@
-"""/me and /verify with real Keycloak tokens, the online check, and a signing-key rotation under traffic."""
+"""/me and /verify with real Keycloak tokens, introspection, and a signing-key rotation under traffic."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def settings(keycloak_server) -> Settings:
                     client_id=keycloak_server.client_id, client_secret=keycloak_server.client_secret)
 
 
-def test_after_logout_the_token_stays_valid_without_the_online_check(settings):
+def test_after_logout_the_token_stays_valid_without_introspection(settings):
     """Local validation cannot see a logout: the access token passes until it expires (the documented trade-off)."""
     client = create_app(settings).test_client()
     tokens = json.loads(client.post("/api/auth/login", json={"username": "alice", "password": "alice-password"})
@@ -98,9 +98,9 @@ def test_after_logout_the_token_stays_valid_without_the_online_check(settings):
     assert client.get("/api/auth/verify", headers=bearer(tokens["access_token"])).status_code == 204
 
 
-def test_after_logout_the_online_check_refuses_the_token(settings):
+def test_after_logout_introspection_refuses_the_token(settings):
     """With BROKER_TOKEN_INTROSPECTION on, a logged-out session's access token is refused at once."""
-    client = create_app(replace(settings, introspection=True, introspection_cache_seconds=1)).test_client()
+    client = create_app(replace(settings, token_introspection=True, introspection_cache_seconds=1)).test_client()
     tokens = json.loads(client.post("/api/auth/login", json={"username": "alice", "password": "alice-password"})
                         .get_data())["token"]
     assert client.get("/api/auth/verify", headers=bearer(tokens["access_token"])).status_code == 204

@@ -301,7 +301,7 @@ def test_the_broker_log_is_json_and_holds_no_secret(broker, broker_log):
 
 def test_metrics_are_summed_across_workers(start_broker, redis_url):
     """/metrics under gunicorn with two workers (so with Redis, as the settings require) adds up every worker's samples."""
-    url = start_broker(BROKER_WORKERS="2", REDIS_URL=redis_url)
+    url = start_broker(BROKER_WORKERS="2", BROKER_REDIS_URL=redis_url)
 
     def count() -> float:
         text = requests.get(url + "/metrics", timeout=10).text

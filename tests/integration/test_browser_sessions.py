@@ -64,7 +64,7 @@ def one_worker_uncoalesced(start_broker) -> str:
 @pytest.fixture(scope="module")
 def workers_with_redis(start_broker, redis_url) -> str:
     """A broker with three gunicorn workers that coalesce through Redis."""
-    return start_broker(BROKER_WORKERS="3", REDIS_URL=redis_url)
+    return start_broker(BROKER_WORKERS="3", BROKER_REDIS_URL=redis_url)
 
 
 @pytest.mark.parametrize("broker", ["one_worker", "workers_with_redis"])
@@ -155,7 +155,7 @@ def test_an_unlisted_origin_gets_no_cors_grant(cookie_broker):
 
 def test_rate_limits_are_shared_across_workers_with_redis(start_broker, redis_url):
     """Three workers sharing Redis counters: the sixth refresh from one address within the window is 429."""
-    url = start_broker(BROKER_WORKERS="3", REDIS_URL=redis_url, BROKER_RATE_LIMIT_REFRESH="5 per minute")
+    url = start_broker(BROKER_WORKERS="3", BROKER_REDIS_URL=redis_url, BROKER_RATE_LIMIT_REFRESH="5 per minute")
     statuses = [requests.post(f"{url}/api/auth/refresh-token", json={"refresh_token": f"garbage-{i}"},
                               timeout=30).status_code for i in range(6)]
     assert statuses == [400] * 5 + [429]

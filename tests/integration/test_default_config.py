@@ -53,7 +53,7 @@ def _make_run_env(keycloak_server: KeycloakServer) -> dict[str, str]:
     """`make run`'s environment: the caller's, without any broker setting, pointed at the test Keycloak."""
     env = {
         name: value for name, value in os.environ.items()
-        if not name.startswith(("KEYCLOAK_", "BROKER_")) and name != "REDIS_URL"
+        if not name.startswith(("KEYCLOAK_", "BROKER_")) and name != "BROKER_REDIS_URL"
     }
     return {
         **env,

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from app.errors import ANSWER_KEPT, ANSWER_LOST, COORDINATION_UNAVAILABLE, UPSTREAM_BUSY
 from tests.integration.conftest import BROKER_PORT, _start_broker, _stop_broker, broker_env
+from tests.support.answers import BUSY, KEPT, LOST, UNCOORDINATED
 from tests.support.fault_proxy import FaultProxy
 
 READ_TIMEOUT = 2  # how long a caller waits for Keycloak in these brokers
@@ -32,8 +32,6 @@ FAULT_SETTINGS = dict(
     BROKER_RATE_LIMITS_ENABLED="false",
 )
 UNREACHABLE = {"error": "upstream_unavailable", "message": "The identity provider cannot be reached; try again later"}
-LOST = {"error": "upstream_unavailable", "message": ANSWER_LOST}
-KEPT = {"error": "upstream_timeout", "message": ANSWER_KEPT}
 REUSED = {"error": "invalid_grant", "message": "Refresh token was already used; the session has been ended"}
 ports = iter(range(BROKER_PORT + 100, BROKER_PORT + 140))
 
@@ -281,7 +279,7 @@ def test_a_hung_keycloak_holds_a_bounded_number_of_requests_and_starves_no_route
                     slowest = max(slowest, time.monotonic() - started)
             answers = [outcome(f.result()) for f in waiting]
         assert slowest < 1.0, f"a route waited {slowest:.2f}s behind the hung Keycloak"
-        busy = [a for a in answers if a == (503, {"error": "upstream_unavailable", "message": UPSTREAM_BUSY})]
+        busy = [a for a in answers if a == (503, BUSY)]
         assert len(busy) == 30
         assert sorted(set(a[0] for a in answers)) == [503, 504]
     finally:
@@ -417,9 +415,9 @@ def redis_proxy(redis_url) -> Iterator[FaultProxy]:
 
 @pytest.fixture(scope="module")
 def redis_broker(keycloak_server, kc_proxy, redis_proxy, tmp_path_factory) -> Iterator[RunningBroker]:
-    """One worker with REDIS_URL and BROKER_SINGLE_INSTANCE (as compose runs it), Redis reached through the proxy."""
+    """One worker with BROKER_REDIS_URL and BROKER_SINGLE_INSTANCE (as compose runs it), Redis reached through the proxy."""
     running = RunningBroker(keycloak_server, tmp_path_factory, kc_proxy.url,
-                            REDIS_URL=f"redis://127.0.0.1:{redis_proxy.port}/0", BROKER_SINGLE_INSTANCE="true",
+                            BROKER_REDIS_URL=f"redis://127.0.0.1:{redis_proxy.port}/0", BROKER_SINGLE_INSTANCE="true",
                             # Rate limits on, so their Redis counters meet the faults too (high: one client address).
                             BROKER_RATE_LIMITS_ENABLED="true", BROKER_RATE_LIMIT_REFRESH="1000 per minute",
                             BROKER_RATE_LIMIT_LOGIN_IP="1000 per minute")
@@ -431,7 +429,7 @@ def redis_broker(keycloak_server, kc_proxy, redis_proxy, tmp_path_factory) -> It
 def redis_workers(request, keycloak_server, kc_proxy, redis_proxy, tmp_path_factory) -> Iterator[RunningBroker]:
     """Processes that may share Redis with others: three workers, or one worker without BROKER_SINGLE_INSTANCE."""
     running = RunningBroker(keycloak_server, tmp_path_factory, kc_proxy.url, BROKER_WORKERS=request.param,
-                            REDIS_URL=f"redis://127.0.0.1:{redis_proxy.port}/0")
+                            BROKER_REDIS_URL=f"redis://127.0.0.1:{redis_proxy.port}/0")
     yield running
     running.stop()
 
@@ -508,7 +506,7 @@ def test_processes_that_share_redis_answer_503_during_its_outage_and_recover(
     redis_healthy.reset_all()
     answers = _duplicates(redis_workers.url, tokens["refresh_token"], 6)
     assert [outcome(a) for a in answers] == [
-        (503, {"error": "upstream_unavailable", "message": COORDINATION_UNAVAILABLE})
+        (503, UNCOORDINATED)
     ] * 6
     assert all(a.headers["Retry-After"] == "5" for a in answers)
     assert refresh_grants(kc_admin, user.id) == 0

@@ -1,1 +1,1 @@
-"""Pure-logic tests, and client tests over real loopback sockets."""
+"""Pure logic: no server, no socket, no Keycloak."""

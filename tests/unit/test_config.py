@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
 from app.config import ConfigError, Settings
@@ -101,24 +104,47 @@ def test_trailing_slash_of_the_url_is_dropped():
     )
 
 
-def test_the_secret_never_appears_in_repr():
-    """A logged or printed Settings shows *** for the secret."""
-    assert "s3cr3t-value" not in repr(Settings.from_env(BASE))
-    assert "s3cr3t-value" not in str(Settings.from_env(BASE))
+def test_neither_the_secret_nor_the_redis_url_appears_in_repr():
+    """The repr (what a log line or traceback would show) names every setting but the secret and the Redis URL."""
+    settings = Settings.from_env({**BASE, "BROKER_REDIS_URL": "redis://:redis-pass-9@r:6379/0"})
+    shown = repr(settings)
+    assert ("s3cr3t-value" in shown, "redis-pass-9" in shown) == (False, False)
+    assert "keycloak_url='http://127.0.0.1:8080'" in shown and "state_dir=None" in shown
 
 
-def test_several_workers_without_a_shared_store_are_refused():
-    """BROKER_WORKERS above 1 without REDIS_URL would let duplicates reach Keycloak twice: refused, naming both."""
+def test_each_default_is_written_once():
+    """Settings built from an environment naming only the secret equal the dataclass's own defaults."""
+    assert Settings.from_env(BASE) == Settings(client_secret="s3cr3t-value")
+
+
+def test_the_old_redis_url_name_is_still_read():
+    """REDIS_URL, the variable's earlier name, sets the same setting as BROKER_REDIS_URL."""
+    assert Settings.from_env({**BASE, "REDIS_URL": "redis://r:6379/0"}).redis_url == "redis://r:6379/0"
+    same = {**BASE, "REDIS_URL": "redis://r:6379/0", "BROKER_REDIS_URL": "redis://r:6379/0"}
+    assert Settings.from_env(same).redis_url == "redis://r:6379/0"
+
+
+def test_both_redis_url_names_with_different_values_are_refused():
+    """Two different Redis URLs under the old and the new name: the broker cannot know which one is meant."""
     with pytest.raises(ConfigError) as caught:
-        Settings.from_env({**BASE, "BROKER_WORKERS": "2"})
+        Settings.from_env({**BASE, "REDIS_URL": "redis://a:6379/0", "BROKER_REDIS_URL": "redis://b:6379/0"})
     assert caught.value.problems == [
-        "BROKER_WORKERS=2 needs REDIS_URL: without a shared store, identical refreshes that land on different "
-        "worker processes each reach Keycloak, and Keycloak ends the session on the second; keep "
-        "BROKER_WORKERS=1 (one gevent process serves many connections) or set REDIS_URL"
+        "BROKER_REDIS_URL and REDIS_URL (its old name) are both set and differ; set only BROKER_REDIS_URL"
     ]
 
 
-@pytest.mark.parametrize("extra", [{"REDIS_URL": "redis://127.0.0.1:6379/0"}, {"BROKER_REFRESH_COALESCING": "false"}])
+def test_several_workers_without_a_shared_store_are_refused():
+    """BROKER_WORKERS above 1 without BROKER_REDIS_URL would let duplicates reach Keycloak twice: refused, naming both."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "BROKER_WORKERS": "2"})
+    assert caught.value.problems == [
+        "BROKER_WORKERS=2 needs BROKER_REDIS_URL: without a shared store, identical refreshes that land on different "
+        "worker processes each reach Keycloak, and Keycloak ends the session on the second; keep "
+        "BROKER_WORKERS=1 (one gevent process serves many connections) or set BROKER_REDIS_URL"
+    ]
+
+
+@pytest.mark.parametrize("extra", [{"BROKER_REDIS_URL": "redis://127.0.0.1:6379/0"}, {"BROKER_REFRESH_COALESCING": "false"}])
 def test_several_workers_are_accepted_with_redis_or_without_coalescing(extra):
     """With a shared store (or coalescing off, for comparisons) several workers start."""
     assert Settings.from_env({**BASE, "BROKER_WORKERS": "3", **extra}).workers == 3
@@ -172,7 +198,7 @@ def test_isolation_settings_are_validated(name, raw, problem):
 def test_single_instance_is_refused_with_several_workers():
     """BROKER_SINGLE_INSTANCE lets refreshes go on without Redis: only sound for one process."""
     with pytest.raises(ConfigError) as caught:
-        Settings.from_env({**BASE, "BROKER_WORKERS": "2", "REDIS_URL": "redis://r:6379/0",
+        Settings.from_env({**BASE, "BROKER_WORKERS": "2", "BROKER_REDIS_URL": "redis://r:6379/0",
                            "BROKER_SINGLE_INSTANCE": "true"})
     assert caught.value.problems == [
         "BROKER_SINGLE_INSTANCE=true needs BROKER_WORKERS=1 (got 2): it lets a refresh go on without Redis while "
@@ -183,9 +209,16 @@ def test_single_instance_is_refused_with_several_workers():
 def test_a_grace_window_longer_than_the_redis_lock_is_refused():
     """With Redis, the lock must outlast the grace window during which an outcome is still being shared."""
     with pytest.raises(ConfigError) as caught:
-        Settings.from_env({**BASE, "REDIS_URL": "redis://r:6379/0", "BROKER_REFRESH_GRACE_SECONDS": "30"})
+        Settings.from_env({**BASE, "BROKER_REDIS_URL": "redis://r:6379/0", "BROKER_REFRESH_GRACE_SECONDS": "30"})
     assert caught.value.problems == [
         "BROKER_REFRESH_GRACE_SECONDS (30s) must be shorter than KEYCLOAK_CONNECT_TIMEOUT + "
-        "BROKER_REFRESH_ANSWER_LIMIT (22s) with REDIS_URL: a refresh's Redis lock must outlast the time the "
+        "BROKER_REFRESH_ANSWER_LIMIT (22s) with BROKER_REDIS_URL: a refresh's Redis lock must outlast the time the "
         "broker keeps trying to share its outcome"
     ]
+
+
+def test_every_variable_is_in_the_operations_guide():
+    """docs/operations.md has a row for each variable a Settings field reads, so an operator finds it in seconds."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    missing = [f.metadata["env"] for f in fields(Settings) if f"| `{f.metadata['env']}` |" not in guide]
+    assert missing == []

@@ -64,7 +64,7 @@ def test_compose_runs_the_broker_against_that_keycloak():
         "KEYCLOAK_CLIENT_ID": client["clientId"],
         "KEYCLOAK_CLIENT_SECRET": client["secret"],
         "BROKER_BIND": "0.0.0.0:8000",
-        "REDIS_URL": "redis://redis:6379/0",
+        "BROKER_REDIS_URL": "redis://redis:6379/0",
         "BROKER_SINGLE_INSTANCE": "true",
     }
     assert broker["stop_grace_period"] == "35s"  # longer than BROKER_GRACEFUL_TIMEOUT (25 s)
@@ -110,7 +110,7 @@ def test_the_image_and_compose_run_the_default_process_model():
 
 
 def test_the_compose_broker_environment_is_a_valid_configuration():
-    """The image's ENV plus compose's broker environment (with its secret and REDIS_URL) passes Settings.from_env."""
+    """The image's ENV plus compose's broker environment (with its secret and BROKER_REDIS_URL) passes Settings.from_env."""
     environment = {**dockerfile_env(), **{k: str(v) for k, v in compose()["services"]["broker"]["environment"].items()}}
     settings = Settings.from_env(environment)  # raises ConfigError, naming every bad variable
     assert (settings.bind, settings.workers) == ("0.0.0.0:8000", 1)

@@ -1,4 +1,4 @@
-"""SigningKeys and SessionCheck: single-flight refetches, rate bounds, keys that outlive an outage."""
+"""SigningKeys and Introspection: single-flight refetches, rate bounds, keys that outlive an outage."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.access_tokens import SessionCheck, SigningKeys
+from app.access_tokens import Introspection, SigningKeys
 from app.errors import UpstreamUnavailable
 from tests.support.realm_keys import RealmKeys
 
@@ -154,11 +154,11 @@ def test_a_jwks_without_signature_keys_is_not_taken(realm):
     assert keys.get("a").kid == "a"
 
 
-def test_session_check_caches_verdicts_by_token_hash():
+def test_introspection_caches_verdicts_by_token_hash():
     """A verdict is reused within its TTL, asked again after it, and the token itself is not stored."""
     asked: list[str] = []
     clock = Clock()
-    check = SessionCheck(lambda t: asked.append(t) or t == "live", ttl=10, clock=clock)
+    check = Introspection(lambda t: asked.append(t) or t == "live", ttl=10, clock=clock)
     assert [check.active("live"), check.active("live"), check.active("dead")] == [True, True, False]
     clock.now += 11
     assert check.active("live") is True
@@ -166,9 +166,9 @@ def test_session_check_caches_verdicts_by_token_hash():
     assert "live" not in repr(check._verdicts)
 
 
-def test_session_check_is_bounded():
+def test_introspection_is_bounded():
     """The verdict cache never holds more than max_entries; the oldest goes first."""
-    check = SessionCheck(lambda t: True, ttl=60, max_entries=3, clock=Clock())
+    check = Introspection(lambda t: True, ttl=60, max_entries=3, clock=Clock())
     for token in "abcde":
         check.active(token)
     assert len(check._verdicts) == 3

@@ -1,47 +1,21 @@
-"""RefreshCoalescer across processes through a real Redis, and what Redis holds: nothing usable without the token."""
+"""RefreshCoalescer across processes through a real Redis, and what Redis holds: nothing usable without the token.
+
+Also a Redis that refuses connections (a closed port) or swallows them (a loopback server that never answers).
+"""
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 
-from app.errors import (
-    ANSWER_KEPT,
-    COORDINATION_UNAVAILABLE,
-    BrokerError,
-    RefreshRejected,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
-from app.keycloak_client import TokenSet
-from app.sessions import FlightKey, RedisOutcomes, RefreshCoalescer, seal, unseal
-from app.shared_store import CircuitBreaker, SharedStore, SharedStoreDown
-
-TOKENS = TokenSet(access_token="AT-MARKER-new", token_type="Bearer", expires_in=300,
-                  refresh_token="RT-MARKER-new", refresh_expires_in=1800, scope="openid")
-
-
-class Keycloak:
-    """A refresh function that counts grants and takes a while, like the real one."""
-
-    def __init__(self, outcome=TOKENS, delay: float = 0.2):
-        self.outcome = outcome
-        self.delay = delay
-        self.grants = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, refresh_token: str, scope: str | None) -> TokenSet:
-        with self._lock:
-            self.grants += 1
-        time.sleep(self.delay)
-        if isinstance(self.outcome, Exception):
-            raise self.outcome
-        return self.outcome
+from app.errors import BrokerError, RefreshRejected, UpstreamUnavailable
+from app.refresh_coalescing import FlightKey, RedisOutcomes, RefreshCoalescer
+from app.shared_store import SharedStore, SharedStoreDown
+from tests.support.answers import UNCOORDINATED
+from tests.support.fake_refresh import TOKENS, Keycloak
 
 
 @pytest.fixture
@@ -85,28 +59,12 @@ def test_a_refusal_is_shared_across_processes(redis_client):
     assert results == [(400, "invalid_grant", "Session has ended")] * 9
 
 
-def test_a_shared_unavailability_keeps_its_retry_after_status(redis_client):
-    """A 503 read back from Redis is still a 503 (the handler adds Retry-After by status)."""
-    key = FlightKey.of("rt", None)
-    restored = unseal(key, seal(key, UpstreamUnavailable()))
-    assert (restored.status, restored.error) == (503, "upstream_unavailable")
-
-
 def test_redis_holds_nothing_usable_without_the_token(redis_client):
     """Keys are hashes, values are ciphertext: no token, old or new, appears anywhere in Redis."""
     processes(Keycloak(delay=0), redis_client, 1)[0].refresh("RT-MARKER-old")
     dump = b"".join(key + (redis_client.get(key) or b"") for key in redis_client.keys("*"))
     assert dump, "the outcome should be in Redis during the grace window"
     assert b"MARKER" not in dump and b"openid" not in dump
-
-
-def test_a_sealed_outcome_opens_only_with_its_token():
-    """Another token (or another scope) cannot open a sealed outcome."""
-    blob = seal(FlightKey.of("rt-1", None), TOKENS)
-    assert unseal(FlightKey.of("rt-1", None), blob) == TOKENS
-    for other in (FlightKey.of("rt-2", None), FlightKey.of("rt-1", "openid")):
-        with pytest.raises(ValueError):
-            unseal(other, blob)
 
 
 def test_outcomes_expire_after_the_grace_window(redis_client):
@@ -200,57 +158,6 @@ def test_an_outcome_redis_refused_once_still_reaches_the_other_process(redis_cli
     assert results == [TOKENS, TOKENS]
 
 
-def test_a_caller_that_stops_waiting_gets_the_answer_on_its_retry():
-    """The caller's wait ends (504 that says the answer is kept); the flight lands and the retry gets its tokens."""
-    keycloak = Keycloak(delay=0.4)
-    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.1)
-    with pytest.raises(UpstreamTimeout) as gave_up:
-        coalescer.refresh("rt")
-    assert (gave_up.value.status, gave_up.value.message) == (504, ANSWER_KEPT)
-    assert coalescer.drain(timeout=2)
-    assert coalescer.refresh("rt") == TOKENS
-    assert keycloak.grants == 1
-
-
-def test_a_retry_while_the_flight_is_still_in_the_air_joins_it():
-    """A retry after the caller gave up, while Keycloak is still answering, makes no second grant."""
-    keycloak = Keycloak(delay=0.4)
-    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.1)
-    with pytest.raises(UpstreamTimeout):
-        coalescer.refresh("rt")
-    coalescer._wait = 2.0  # the retrying caller is patient
-    assert coalescer.refresh("rt") == TOKENS
-    assert keycloak.grants == 1
-
-
-@pytest.mark.parametrize(
-    ("outcome", "grants"),
-    [(TOKENS, 1), (RefreshRejected("Session has ended"), 1), (UpstreamUnavailable(), 2), (UpstreamError(), 2),
-     (UpstreamTimeout(), 2)],
-)
-def test_only_outcomes_that_tell_the_tokens_fate_are_kept(outcome, grants):
-    """New tokens and refusals are kept for the grace window; faults are forgotten, so a retry asks Keycloak."""
-    keycloak = Keycloak(outcome=outcome, delay=0)
-    coalescer = RefreshCoalescer(keycloak, grace=5)
-    for _ in range(2):
-        try:
-            coalescer.refresh("rt")
-        except BrokerError:
-            pass
-    assert keycloak.grants == grants
-
-
-def test_drain_waits_for_flights_in_the_air():
-    """drain() returns once every flight has landed, and says False when its timeout came first."""
-    keycloak = Keycloak(delay=0.3)
-    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.01)
-    with pytest.raises(UpstreamTimeout):
-        coalescer.refresh("rt")
-    assert coalescer.drain(timeout=0.05) is False
-    assert coalescer.drain(timeout=2) is True
-    assert keycloak.grants == 1
-
-
 class _Blackhole:
     """A TCP port that accepts connections and never answers, like a Redis behind a dropped route."""
 
@@ -290,7 +197,7 @@ def test_a_redis_outage_answers_503_rather_than_refresh_uncoordinated():
     coalescer = RefreshCoalescer(keycloak, grace=5, shared=RedisOutcomes(SharedStore(dead, retry_seconds=5), lease=5))
     with pytest.raises(UpstreamUnavailable) as refused:
         coalescer.refresh("rt")
-    assert (refused.value.status, refused.value.message, keycloak.grants) == (503, COORDINATION_UNAVAILABLE, 0)
+    assert (refused.value.status, refused.value.message, keycloak.grants) == (503, UNCOORDINATED["message"], 0)
 
 
 class _FailsAfterClaim(RedisOutcomes):
@@ -313,27 +220,7 @@ def test_redis_failing_while_another_process_leads_never_refreshes_here(redis_cl
     coalescer = RefreshCoalescer(keycloak, grace=5, shared=shared)
     with pytest.raises(UpstreamUnavailable) as refused:
         coalescer.refresh("rt")
-    assert (refused.value.message, keycloak.grants) == (COORDINATION_UNAVAILABLE, 0)
-
-
-def test_the_breaker_opens_after_three_failures_and_lets_one_trial_through_per_interval():
-    """Closed until three failures in a row; open refuses at once; after the interval one trial, whose success closes it."""
-    now = [0.0]
-    breaker = CircuitBreaker(failures=3, retry_seconds=5, clock=lambda: now[0])
-    for _ in range(2):
-        assert breaker.allow()
-        breaker.failed("TimeoutError")
-    assert breaker.allow() and not breaker.open
-    breaker.failed("TimeoutError")
-    assert (breaker.open, breaker.allow()) == (True, False)
-    now[0] = 5.1
-    assert [breaker.allow(), breaker.allow()] == [True, False]  # one trial at a time
-    breaker.failed("TimeoutError")
-    assert breaker.allow() is False  # a failed trial opens it for another interval
-    now[0] = 10.2
-    assert breaker.allow()
-    breaker.succeeded()
-    assert (breaker.open, breaker.allow()) == (False, True)
+    assert (refused.value.message, keycloak.grants) == (UNCOORDINATED["message"], 0)
 
 
 def test_redis_commands_run_side_by_side_not_one_at_a_time(redis_client):

@@ -1,12 +1,13 @@
 """Rate limits (flask-limiter): login per client address and username, login and refresh per client address.
 
-Limits come from BROKER_RATE_LIMIT_*; counters live in memory (per worker) or, with REDIS_URL, in Redis
-(shared by every worker and instance). The per-username login limit counts only refused logins (401), so
-a user who types the password right is never slowed down by it. When Redis fails, each worker falls back
+Limits come from BROKER_RATE_LIMIT_*; counters live in memory (per worker) or, with BROKER_REDIS_URL, in
+Redis (shared by every worker and instance). The per-username login limit counts only refused logins (401),
+so a user who types the password right is never slowed down by it. When Redis fails, each worker falls back
 to counters in memory (per client address: the login limit on login, the refresh limit on refresh; the
-per-username limit is off until Redis is back) and retries Redis now and then: an outage
-of Redis must neither lock everybody out nor hold requests up (Redis commands time out after
-BROKER_REDIS_TIMEOUT seconds), and it is logged once, not per request.
+per-username limit is off until Redis is back) and retries Redis now and then: an outage of Redis must
+neither lock everybody out nor hold requests up (Redis commands time out after BROKER_REDIS_TIMEOUT
+seconds), and it is logged once, not per request. A breach raises flask-limiter's RateLimitExceeded, which
+the one error handler (app/web/errors.py) renders as 429 rate_limited with Retry-After.
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ import hashlib
 import math
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, g, request
 from flask_limiter import Limiter, RequestLimit
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from werkzeug.exceptions import HTTPException
 
 from app.config import Settings
-from app.errors import BrokerError, RateLimited, error_response
+from app.errors import BrokerError
 from app.metrics import RATE_LIMITED
-from app.request_body import read_body
+from app.web.request_body import read_body
 
 
 def client_address() -> str:
-    """The client's address (X-Forwarded-For is trusted only through BROKER_TRUSTED_PROXY_HOPS, see create_app)."""
+    """The client's address (X-Forwarded-For is trusted only through BROKER_TRUSTED_PROXY_HOPS, see hooks.py)."""
     return request.remote_addr or "unknown"
 
 
@@ -57,12 +58,10 @@ def _fallback_limit(settings: Settings):
     return limit
 
 
-def _refuse(limit: RequestLimit) -> Response:
-    """The 429 in the fixed shape, with Retry-After until the limit's window resets."""
+def note_breach(limit: RequestLimit) -> None:
+    """Count the refusal and note when the limit's window resets, for the 429's Retry-After."""
     RATE_LIMITED.labels(request.endpoint or "unknown").inc()
-    error = RateLimited(headers={"Retry-After": str(max(1, math.ceil(limit.reset_at - time.time())))})
-    g.error_code = error.error
-    return error_response(error)
+    g.retry_after = max(1, math.ceil(limit.reset_at - time.time()))
 
 
 def install(app: Flask, settings: Settings) -> Limiter:
@@ -81,7 +80,7 @@ def install(app: Flask, settings: Settings) -> Limiter:
         # login limit on login and the refresh limit elsewhere (the per-username limit is off meanwhile).
         in_memory_fallback=[_fallback_limit(settings)] if settings.redis_url else None,
         headers_enabled=False,
-        on_breach=_refuse,  # its response travels on flask-limiter's RateLimitExceeded (see errors.py)
+        on_breach=note_breach,
     )
     # Only these endpoints have limits: every other request (the gateway's /verify above all) skips the limiter.
     limited = {"auth.login", "auth.refresh_token"}
@@ -95,5 +94,7 @@ def install(app: Flask, settings: Settings) -> Limiter:
     views["auth.refresh_token"] = limiter.limit(settings.rate_limit_refresh, key_func=client_address)(
         views["auth.refresh_token"]
     )
-    app.extensions["rate_limiter"] = limiter
+    # The wrapped views hold the limiter only weakly; an enabled limiter registers itself here, a disabled one
+    # (BROKER_RATE_LIMITS_ENABLED=false) does not, so hold it the same way.
+    app.extensions.setdefault("limiter", set()).add(limiter)
     return limiter

@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.errors import ANSWER_LOST, COORDINATION_UNAVAILABLE, UpstreamTimeout, UpstreamUnavailable
+from app.errors import UpstreamTimeout, UpstreamUnavailable
 from app.local_store import FILE_NAME, LocalOutcomes
-from app.sessions import FlightKey, RefreshCoalescer
-from tests.unit.test_coalescing import TOKENS, Keycloak
+from app.refresh_coalescing import FlightKey, RefreshCoalescer
+from tests.support.answers import LOST, UNCOORDINATED
+from tests.support.fake_refresh import TOKENS, Keycloak
 
 
 def worker(keycloak: Keycloak, directory, *, wait: float = 30.0, lease: float = 5.0) -> RefreshCoalescer:
@@ -50,7 +51,7 @@ def test_a_dead_workers_lock_holds_only_until_its_lease_ends(tmp_path):
     assert store.claim(FlightKey.of("rt", None), "killed-worker")
     with pytest.raises(UpstreamUnavailable) as waited:
         worker(keycloak, tmp_path, lease=0.3).refresh("rt")
-    assert (waited.value.message, keycloak.grants) == (ANSWER_LOST, 0)
+    assert (waited.value.message, keycloak.grants) == (LOST["message"], 0)
     assert worker(keycloak, tmp_path, lease=0.3).refresh("rt") == TOKENS
 
 
@@ -139,7 +140,7 @@ def test_a_store_kept_locked_by_another_process_answers_503_never_refreshes_alon
     finally:
         other.execute("ROLLBACK")
         other.close()
-    assert (refused.value.message, keycloak.grants) == (COORDINATION_UNAVAILABLE, 1)
+    assert (refused.value.message, keycloak.grants) == (UNCOORDINATED["message"], 1)
 
 
 def test_looking_at_a_stale_lock_never_removes_a_lock_taken_meanwhile(tmp_path):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Response, current_app, jsonify, send_from_directory
+from flask import Blueprint, Response, jsonify, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
-from app import schemas
+from app.web import schemas
+from app.web.context import broker
 
 bp = Blueprint("openapi", __name__, url_prefix="/api")
 
@@ -48,10 +50,10 @@ CSRF = {"403": _error("Cookie mode: the CSRF header or an allowed Origin is miss
 BEARER_ERRORS = {
     "401": _error("No bearer token (access_token_required), or an invalid one (invalid_token)",
                   {**CHALLENGE, **TOKEN_EXPIRED}),
-    "503": _error("The realm's signing keys cannot be had, or the online check cannot reach Keycloak",
+    "503": _error("The realm's signing keys cannot be had, or introspection (BROKER_TOKEN_INTROSPECTION) cannot reach Keycloak",
                   RETRY_AFTER),
-    "502": _error("The online check got an unusable answer from Keycloak"),
-    "504": _error("The online check timed out"),
+    "502": _error("Introspection got an unusable answer from Keycloak"),
+    "504": _error("Introspection timed out"),
 }
 
 
@@ -133,6 +135,7 @@ def _operations() -> dict[str, dict[str, Any]]:
     }
 
 
+@cache
 def build_spec(version: str) -> dict[str, Any]:
     """The OpenAPI 3.0 document of the broker as a dict."""
     spec = APISpec(
@@ -158,7 +161,7 @@ def build_spec(version: str) -> dict[str, Any]:
 @bp.get("/openapi.json")
 def openapi_json() -> Response:
     """The OpenAPI document."""
-    return jsonify(current_app.extensions["openapi"])
+    return jsonify(build_spec(broker().version))
 
 
 _DOCS_PAGE = """<!doctype html>

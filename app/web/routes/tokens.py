@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from app.errors import AccessTokenRequired, InvalidToken
 from app.metrics import TOKEN_VALIDATIONS
-from app.schemas import me_response
+from app.web.context import broker
+from app.web.schemas import me_response
 
 bp = Blueprint("tokens", __name__, url_prefix="/api/auth")
 
@@ -30,12 +31,12 @@ def bearer_token() -> str:
 
 
 def authenticated_claims() -> dict[str, Any]:
-    """The claims of the caller's valid access token (and a live session, when the online check is on)."""
+    """The claims of the caller's valid access token (and a live session, with BROKER_TOKEN_INTROSPECTION)."""
     token = bearer_token()
+    parts = broker()
     try:
-        claims = current_app.extensions["access_tokens"].validate(token)
-        session_check = current_app.extensions.get("session_check")
-        if session_check is not None and not session_check.active(token):
+        claims = parts.access_tokens.validate(token)
+        if parts.introspection is not None and not parts.introspection.active(token):
             raise InvalidToken("The session of this access token has ended")
     except InvalidToken as exc:
         TOKEN_VALIDATIONS.labels("expired" if exc.expired else "invalid").inc()

@@ -9,20 +9,30 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, val
 from app.errors import BrokerError, InvalidRequest, RefreshTokenRequired
 
 
-def _text(name: str, *, required: bool, max_length: int) -> fields.String:
+class _Text(fields.String):
+    """A string field that knows its too-long message, the one failure that is never "missing"."""
+
+    def __init__(self, *, too_long: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.too_long = too_long
+
+
+def _text(name: str, *, required: bool, max_length: int) -> _Text:
     """A string field whose every failure reads as one plain sentence naming the field."""
 
     def not_blank(value: str) -> None:
         if not value.strip():
             raise ValidationError(f"{name} must not be blank")
 
-    return fields.String(
+    too_long = f"{name} must be at most {max_length} characters"
+    return _Text(
+        too_long=too_long,
         required=required,
         allow_none=False,
         metadata={"pattern": r"\S"},  # documents "not blank" in the OpenAPI document
         validate=[
             not_blank,
-            validate.Length(max=max_length, error=f"{name} must be at most {max_length} characters"),
+            validate.Length(max=max_length, error=too_long),
         ],
         error_messages={
             "required": f"{name} is required",
@@ -33,7 +43,11 @@ def _text(name: str, *, required: bool, max_length: int) -> fields.String:
 
 
 class _RequestSchema(Schema):
-    """Unknown fields are ignored; a failure becomes the BrokerError named for the first bad field."""
+    """Unknown fields are ignored; a failure becomes the BrokerError named for the first bad field.
+
+    `field_errors` names the error of a field that is missing or unusable (absent, null, blank, not a string);
+    a value that is only too long is always InvalidRequest with the field's own sentence.
+    """
 
     class Meta:
         unknown = EXCLUDE
@@ -49,7 +63,7 @@ class _RequestSchema(Schema):
             field = next(name for name in self.fields if name in messages)
             message = str(messages[field][0])
             error_class = self.field_errors.get(field)
-            if error_class is not None and " must be at most " not in message:
+            if error_class is not None and message != getattr(self.fields[field], "too_long", None):
                 raise error_class() from None
             raise InvalidRequest(message) from None
 

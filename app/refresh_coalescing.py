@@ -39,22 +39,14 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from app.errors import (
-    ANSWER_KEPT,
-    ANSWER_LOST,
-    COORDINATION_UNAVAILABLE,
-    BrokerError,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from app.errors import AnswerKept, AnswerLost, BrokerError, CoordinationUnavailable, UpstreamError, UpstreamTimeout
 from app.keycloak_client import TokenSet
 from app.metrics import REFRESHES
 from app.shared_store import SharedStore, SharedStoreBusy, SharedStoreDown
@@ -86,8 +78,7 @@ def seal(key: FlightKey, outcome: Outcome) -> bytes:
     if isinstance(outcome, TokenSet):
         payload = {"tokens": asdict(outcome)}
     else:
-        payload = {"error": {"status": outcome.status, "error": outcome.error, "message": outcome.message,
-                             "headers": outcome.headers}}
+        payload = {"error": outcome.parts()}
     nonce = os.urandom(12)
     return nonce + AESGCM(key.secret).encrypt(nonce, json.dumps(payload).encode(), key.name.encode())
 
@@ -100,10 +91,7 @@ def unseal(key: FlightKey, blob: bytes) -> Outcome:
         raise ValueError("sealed outcome does not open with this token") from exc
     if "tokens" in payload:
         return TokenSet(**payload["tokens"])
-    stored = payload["error"]
-    error = BrokerError(stored["message"], error=stored["error"], headers=stored["headers"])
-    error.status = stored["status"]
-    return error
+    return BrokerError.restore(**payload["error"])
 
 
 class _Flight:
@@ -203,7 +191,7 @@ class RefreshCoalescer:
     def refresh(self, refresh_token: str, scope: str | None = None) -> TokenSet:
         """The outcome of refreshing `refresh_token`: a TokenSet, or the BrokerError every caller shares.
 
-        Raises UpstreamTimeout when the flight is still in the air after `wait` seconds; it goes on, and a
+        Raises AnswerKept when the flight is still in the air after `wait` seconds; it goes on, and a
         retry with the same token joins it or gets its outcome.
         """
         key = FlightKey.of(refresh_token, scope)
@@ -226,7 +214,7 @@ class RefreshCoalescer:
             REFRESHES.labels("coalesced").inc()
         if not flight.done.wait(self._wait):
             REFRESHES.labels("caller_gave_up").inc()
-            raise UpstreamTimeout(ANSWER_KEPT)
+            raise AnswerKept()
         return _deliver(flight.outcome)
 
     def drain(self, timeout: float) -> bool:
@@ -270,7 +258,7 @@ class RefreshCoalescer:
             # Nothing was sent to Keycloak yet (the store fails before a claim, or while the lock is ours).
             # A busy store means another live process is coordinating through it: never go it alone then.
             if self._redis_required or isinstance(exc, SharedStoreBusy):
-                return UpstreamUnavailable(COORDINATION_UNAVAILABLE)
+                return CoordinationUnavailable()
             log.warning("the shared refresh store failed (%s); coalescing within this process only", exc)
             return self._call(refresh_token, scope)  # the only process on this store: coalescing here is complete
 
@@ -302,7 +290,7 @@ class RefreshCoalescer:
         except SharedStoreDown:
             # Another process holds the lead and may be spending the token: refreshing here could be a reuse.
             log.warning("Redis failed while waiting for another process's refresh of the same token")
-            return UpstreamUnavailable(COORDINATION_UNAVAILABLE)
+            return CoordinationUnavailable()
 
     def _wait_for_other_process(self, key: FlightKey) -> Outcome:
         shared = self._shared
@@ -321,7 +309,7 @@ class RefreshCoalescer:
                     REFRESHES.labels("coalesced").inc()
                     return stored
                 log.warning("another process's refresh of the same token ended without an outcome")
-                return UpstreamUnavailable(ANSWER_LOST)
+                return AnswerLost()
             if self._clock() > deadline:
                 log.warning("gave up waiting for another process's refresh of the same token")
                 return UpstreamTimeout()
@@ -408,6 +396,10 @@ class UncoalescedRefresh:
     def refresh(self, refresh_token: str, scope: str | None = None) -> TokenSet:
         REFRESHES.labels("upstream").inc()
         return self._refresh(refresh_token, scope)
+
+    def drain(self, timeout: float) -> bool:
+        """Nothing runs on its own here: each refresh is its request's, which gunicorn lets finish."""
+        return True
 
 
 def _deliver(outcome: Outcome | None) -> TokenSet:

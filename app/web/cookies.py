@@ -13,17 +13,19 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Response, current_app, request
+from flask import Response, after_this_request, request
 
 from app.config import Settings
-from app.errors import CsrfFailed
+from app.errors import CsrfFailed, RefreshRejected
 from app.keycloak_client import TokenSet
+from app.web.context import broker
+from app.web.errors import failure
 
 COOKIE_PATH = "/api/auth"
 
 
 def _settings() -> Settings:
-    return current_app.config["BROKER_SETTINGS"]
+    return broker().settings
 
 
 def cookie_mode() -> bool:
@@ -70,3 +72,13 @@ def clear_refresh_cookie(response: Response) -> None:
     settings = _settings()
     response.delete_cookie(settings.cookie_name, path=COOKIE_PATH, secure=settings.cookie_secure, httponly=True,
                            samesite="Strict")
+
+
+def clear_cookie_if_session_over() -> None:
+    """Drop the refresh cookie from this request's answer if Keycloak refused the token it held."""
+
+    @after_this_request
+    def clear(response: Response) -> Response:
+        if isinstance(failure(), RefreshRejected):
+            clear_refresh_cookie(response)
+        return response

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, jsonify
+from flask import Blueprint, Response, jsonify
 
-from app.cookies import clear_refresh_cookie, cookie_mode, refresh_token_from, require_csrf_proof, set_refresh_cookie
-from app.errors import BrokerError, error_response
-from app.keycloak_client import KeycloakClient, TokenSet
-from app.request_body import read_body
-from app.schemas import login_request, logout_request, message_response, refresh_request, token_response
+from app.keycloak_client import TokenSet
+from app.web.context import broker
+from app.web.cookies import (
+    clear_cookie_if_session_over,
+    clear_refresh_cookie,
+    cookie_mode,
+    refresh_token_from,
+    require_csrf_proof,
+    set_refresh_cookie,
+)
+from app.web.request_body import read_body
+from app.web.schemas import login_request, logout_request, message_response, refresh_request, token_response
 
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
 
 
-def _keycloak() -> KeycloakClient:
-    return current_app.extensions["keycloak"]
-
-
-def _tokens(message: str, tokens: TokenSet) -> Response:
-    """The token response; in cookie mode the refresh token goes into the cookie instead of the JSON."""
+def _token_response(message: str, tokens: TokenSet) -> Response:
+    """The token answer; in cookie mode the refresh token goes into the cookie instead of the JSON."""
     body = token_response.dump({"message": message, "token": tokens})
     if not cookie_mode():
         return jsonify(body)
@@ -28,22 +31,14 @@ def _tokens(message: str, tokens: TokenSet) -> Response:
     return response
 
 
-def _refused_clearing_cookie(error: BrokerError) -> Response:
-    """The error answer for a dead refresh token from the cookie, which also drops the cookie."""
-    g.error_code = error.error
-    response = error_response(error)
-    clear_refresh_cookie(response)
-    return response
-
-
 @bp.post("/login")
 def login() -> Response:
     """Password login: 200 with the token object, 401 invalid_grant when Keycloak refuses the user."""
     if cookie_mode():
         require_csrf_proof()  # login CSRF: a cross-site form must not plant someone else's session cookie
     data = login_request.load_or_raise(read_body())
-    scope = data.get("scope") or current_app.config["BROKER_SETTINGS"].login_scope
-    return _tokens("Login successful", _keycloak().login(data["username"], data["password"], scope))
+    scope = data.get("scope") or broker().settings.login_scope
+    return _token_response("Login successful", broker().keycloak.login(data["username"], data["password"], scope))
 
 
 @bp.post("/refresh-token")
@@ -53,13 +48,10 @@ def refresh_token() -> Response:
         require_csrf_proof()  # even with a body token: the answer sets the cookie (login CSRF otherwise)
     body, from_cookie = refresh_token_from(read_body())
     data = refresh_request.load_or_raise(body)
-    try:
-        tokens = current_app.extensions["refresher"].refresh(data["refresh_token"], data.get("scope"))
-    except BrokerError as exc:
-        if from_cookie and exc.error == "invalid_grant":
-            return _refused_clearing_cookie(exc)
-        raise
-    return _tokens("Token refreshed successfully", tokens)
+    if from_cookie:
+        clear_cookie_if_session_over()
+    tokens = broker().refresher.refresh(data["refresh_token"], data.get("scope"))
+    return _token_response("Token refreshed successfully", tokens)
 
 
 @bp.post("/logout")
@@ -69,12 +61,9 @@ def logout() -> Response:
         require_csrf_proof()  # even with a body token: the answer clears the cookie
     body, from_cookie = refresh_token_from(read_body())
     data = logout_request.load_or_raise(body)
-    try:
-        _keycloak().logout(data["refresh_token"])
-    except BrokerError as exc:
-        if from_cookie and exc.error == "invalid_grant":
-            return _refused_clearing_cookie(exc)
-        raise
+    if from_cookie:
+        clear_cookie_if_session_over()
+    broker().keycloak.logout(data["refresh_token"])
     response = jsonify(message_response.dump({"message": "Logged out successfully"}))
     if cookie_mode():
         clear_refresh_cookie(response)

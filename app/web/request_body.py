@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import current_app, request
+from flask import request
 
 from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from app.web.context import broker
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -15,7 +16,7 @@ FORM = "application/x-www-form-urlencoded"
 
 def body_limit() -> int:
     """The largest body accepted, in bytes (BROKER_MAX_BODY_BYTES)."""
-    return current_app.config["BROKER_SETTINGS"].max_body_bytes
+    return broker().settings.max_body_bytes
 
 
 def check_body_size() -> None:

@@ -1,0 +1,113 @@
+"""RefreshCoalescer in one process, and sealed outcomes: single-flight, kept answers, drain, the breaker."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.errors import (
+    AnswerKept,
+    BrokerError,
+    RefreshRejected,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from app.refresh_coalescing import FlightKey, RefreshCoalescer, seal, unseal
+from app.shared_store import CircuitBreaker
+from tests.support.answers import KEPT
+from tests.support.fake_refresh import TOKENS, Keycloak
+
+
+def test_a_shared_unavailability_keeps_its_retry_after_status():
+    """A 503 read back from Redis is still a 503 (the handler adds Retry-After by status)."""
+    key = FlightKey.of("rt", None)
+    restored = unseal(key, seal(key, UpstreamUnavailable()))
+    assert (restored.status, restored.error) == (503, "upstream_unavailable")
+
+
+def test_a_sealed_outcome_opens_only_with_its_token():
+    """Another token (or another scope) cannot open a sealed outcome."""
+    blob = seal(FlightKey.of("rt-1", None), TOKENS)
+    assert unseal(FlightKey.of("rt-1", None), blob) == TOKENS
+    for other in (FlightKey.of("rt-2", None), FlightKey.of("rt-1", "openid")):
+        with pytest.raises(ValueError):
+            unseal(other, blob)
+
+
+def test_a_caller_that_stops_waiting_gets_the_answer_on_its_retry():
+    """The caller's wait ends (504 that says the answer is kept); the flight lands and the retry gets its tokens."""
+    keycloak = Keycloak(delay=0.4)
+    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.1)
+    with pytest.raises(AnswerKept) as gave_up:
+        coalescer.refresh("rt")
+    assert (gave_up.value.status, gave_up.value.error, gave_up.value.message) == (504, KEPT["error"], KEPT["message"])
+    assert coalescer.drain(timeout=2)
+    assert coalescer.refresh("rt") == TOKENS
+    assert keycloak.grants == 1
+
+
+def test_a_retry_while_the_flight_is_still_in_the_air_joins_it():
+    """A retry after the caller gave up, while Keycloak is still answering, makes no second grant."""
+    keycloak = Keycloak(delay=0.4)
+    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.1)
+    with pytest.raises(UpstreamTimeout):
+        coalescer.refresh("rt")
+    coalescer._wait = 2.0  # the retrying caller is patient
+    assert coalescer.refresh("rt") == TOKENS
+    assert keycloak.grants == 1
+
+
+@pytest.mark.parametrize(
+    ("outcome", "grants"),
+    [(TOKENS, 1), (RefreshRejected("Session has ended"), 1), (UpstreamUnavailable(), 2), (UpstreamError(), 2),
+     (UpstreamTimeout(), 2)],
+)
+def test_only_outcomes_that_tell_the_tokens_fate_are_kept(outcome, grants):
+    """New tokens and refusals are kept for the grace window; faults are forgotten, so a retry asks Keycloak."""
+    keycloak = Keycloak(outcome=outcome, delay=0)
+    coalescer = RefreshCoalescer(keycloak, grace=5)
+    for _ in range(2):
+        try:
+            coalescer.refresh("rt")
+        except BrokerError:
+            pass
+    assert keycloak.grants == grants
+
+
+def test_drain_waits_for_flights_in_the_air():
+    """drain() returns once every flight has landed, and says False when its timeout came first."""
+    keycloak = Keycloak(delay=0.3)
+    coalescer = RefreshCoalescer(keycloak, grace=5, wait=0.01)
+    with pytest.raises(UpstreamTimeout):
+        coalescer.refresh("rt")
+    assert coalescer.drain(timeout=0.05) is False
+    assert coalescer.drain(timeout=2) is True
+    assert keycloak.grants == 1
+
+
+def test_the_breaker_opens_after_three_failures_and_lets_one_trial_through_per_interval():
+    """Closed until three failures in a row; open refuses at once; after the interval one trial, whose success closes it."""
+    now = [0.0]
+    breaker = CircuitBreaker(failures=3, retry_seconds=5, clock=lambda: now[0])
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failed("TimeoutError")
+    assert breaker.allow() and not breaker.open
+    breaker.failed("TimeoutError")
+    assert (breaker.open, breaker.allow()) == (True, False)
+    now[0] = 5.1
+    assert [breaker.allow(), breaker.allow()] == [True, False]  # one trial at a time
+    breaker.failed("TimeoutError")
+    assert breaker.allow() is False  # a failed trial opens it for another interval
+    now[0] = 10.2
+    assert breaker.allow()
+    breaker.succeeded()
+    assert (breaker.open, breaker.allow()) == (False, True)
+
+
+@pytest.mark.parametrize("outcome", [RefreshRejected("Session has ended"), UpstreamUnavailable(), UpstreamTimeout()])
+def test_a_sealed_refusal_opens_as_the_same_kind_of_error(outcome):
+    """What another process reads back is the same leaf of the error tree, with its status, code and message."""
+    key = FlightKey.of("rt", None)
+    restored = unseal(key, seal(key, outcome))
+    assert (type(restored), restored.parts()) == (type(outcome), outcome.parts())
