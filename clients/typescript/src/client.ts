@@ -1,28 +1,44 @@
 /**
- * AuthClient: `fetch` with the broker's access token attached, refreshed once when it is rejected or about
- * to expire, shared across tabs, and a session that ends only when the broker says the refresh token is dead.
+ * AuthClient: `fetch` with the broker's access token attached. When the broker rejects the access token,
+ * or it is about to expire, the client refreshes once (one refresh in flight per tab, one tab at a time
+ * with Web Locks) and replays the request once. The session ends only when the broker refuses the
+ * refresh token; a 5xx, a 429 or a network error keeps the tokens for a later try.
  */
 
-import { createCoordinator, localCoordinator, unrefTimer, type CrossTabOptions, type PeerEvent, type RefreshCoordinator } from "./coordination.js";
 import { AuthError, AuthRequestError, RetryableAuthError, SessionExpiredError } from "./errors.js";
-import { fingerprint, fromTokenResponse, isStoredTokens, memoryStorage, type BrokerTokenResponse, type StoredTokens, type TokenStorage } from "./tokens.js";
-
-export type FetchLike = (input: Request, init?: RequestInit) => Promise<Response>;
+import { fromTokenResponse, isStoredTokens, memoryStorage, type BrokerTokenResponse, type StoredTokens, type TokenStorage } from "./tokens.js";
 
 /** Where the refresh token travels (the broker's token transport modes). */
 export type TokenTransport = "body" | "cookie";
+
+/** The part of the Web Locks API (`navigator.locks`) the client uses. */
+export interface LockManagerLike {
+  request<T>(name: string, callback: (lock: unknown) => Promise<T>): Promise<T>;
+}
+
+/** The part of BroadcastChannel the client uses. */
+export interface BroadcastChannelLike {
+  postMessage(message: unknown): void;
+  addEventListener(type: "message", listener: (event: { data: unknown }) => void): void;
+  close(): void;
+}
+
+/** How the tabs of one browser share a session. */
+export interface CrossTabOptions {
+  /** Tabs with the same name share a session: the channel's name, and the lock's (`<name>:refresh`). Default "token-broker". */
+  channelName?: string;
+  /** Where session changes are posted. Default `new BroadcastChannel(channelName)` where there is one; null: none. */
+  channel?: BroadcastChannelLike | null;
+  /** Web Locks. Default `navigator.locks` where there are; null: none (each tab refreshes on its own). */
+  locks?: LockManagerLike | null;
+}
 
 export interface AuthClientOptions {
   /** The broker's origin (and path prefix, if any); default `location.origin` in a browser. */
   baseUrl?: string;
   /** The broker's auth routes, resolved against baseUrl. Default "/api/auth". */
   authPath?: string;
-  /**
-   * "body" (default): refresh posts `{"refresh_token": ...}` from storage.
-   * "cookie": the refresh token is an HttpOnly cookie; login, refresh and logout go with
-   * `credentials: "include"` and the CSRF header, refresh and logout post `{}`, and JavaScript never
-   * sees the refresh token.
-   */
+  /** "body" (default): the refresh token is kept in storage and posted. "cookie": it is an HttpOnly cookie JavaScript never sees. */
   transport?: TokenTransport;
   /** Cookie mode's CSRF proof, sent on login, refresh and logout. Default `X-Requested-With: XMLHttpRequest`. */
   csrfHeader?: { name: string; value: string };
@@ -38,18 +54,16 @@ export interface AuthClientOptions {
   refreshJitterMs?: number;
   /**
    * After a retryable failure of a proactive refresh, try again after this (doubling, at most 60 s) unless
-   * Retry-After says. Default 1 000 ms: a first retry inside the broker's coalescing grace (5 s) gets the
-   * answer of a refresh whose response was lost on the way, instead of a spent token.
+   * Retry-After says. Default 1 000 ms: well inside the broker's coalescing grace (5 s).
    */
   retryDelayMs?: number;
   /** Timeout of each call to login, refresh-token and logout. Default 10 000 ms. */
   requestTimeoutMs?: number;
   /**
-   * Coordinate refreshes with the other tabs of this browser: true (Web Locks or BroadcastChannel, whichever
-   * the browser has), false (this client alone), options, or your own RefreshCoordinator. Default: true in a
-   * browser page, false elsewhere (in a server, clients of different users must never share tokens).
+   * Share the session with the other tabs of this browser (Web Locks and a BroadcastChannel): true, false,
+   * or options. Default: true in a browser page, false elsewhere (a server's clients belong to different users).
    */
-  crossTab?: boolean | CrossTabOptions | RefreshCoordinator;
+  crossTab?: boolean | CrossTabOptions;
   /** Which requests get the access token. Default: those to baseUrl's origin. */
   shouldAttachToken?: (url: URL) => boolean;
   /** The session ended: the broker refused the refresh token (here or in another tab). Send the user to log in. */
@@ -60,146 +74,169 @@ export interface AuthClientOptions {
   onTokens?: (tokens: StoredTokens | null) => void;
 }
 
+type Callbacks = "onSessionExpired" | "onLogout" | "onTokens";
+/** The options with every default filled in (crossTab is the constructor's business only). */
+type Settings = Required<Omit<AuthClientOptions, Callbacks | "crossTab">> & Pick<AuthClientOptions, Callbacks>;
+
+/** A change of the session, as setSession applies it and the other tabs hear it. */
+interface Change {
+  type: "login" | "refresh" | "logout" | "expired" | "set";
+  /** The access token it replaces or ends: the change is for the tabs holding it. null: for every tab (login, logout). */
+  replaces: string | null;
+  /** Why the session expired (type "expired"). */
+  error?: SessionExpiredError;
+}
+
+/** What a tab posts when its session changed (`v`: tabs running another version of the client ignore it). */
+interface TabMessage extends Omit<Change, "error"> {
+  v: 2;
+  tokens: StoredTokens | null;
+  error?: { error: string; message: string; status?: number };
+}
+
 const SESSION_OVER = new Set(["invalid_grant", "refresh_token_required", "location_blocked"]);
-const RETRYABLE_STATUS = new Set([408, 425, 429]);
+const RETRY_LATER_STATUS = new Set([408, 425, 429]);
 const MAX_TIMER_MS = 2 ** 31 - 1;
 const MAX_RETRY_DELAY_MS = 60_000;
 
+/** fetch with the broker's tokens: see the module comment, and docs/frontend.md for the whole behaviour. */
 export class AuthClient {
-  private readonly fetchImpl: FetchLike;
-  private readonly storage: TokenStorage;
-  private readonly baseUrl: URL;
-  private readonly authBase: string;
-  private readonly transport: TokenTransport;
-  private readonly csrf: { name: string; value: string };
-  private readonly proactive: boolean;
-  private readonly leadMs: number;
-  private readonly jitterMs: number;
-  private readonly retryDelayMs: number;
-  private readonly timeoutMs: number;
-  private readonly coordinator: RefreshCoordinator;
-  private readonly ownsCoordinator: boolean;
-  private readonly unsubscribe: () => void;
-  private readonly attach: (url: URL) => boolean;
-  private readonly options: AuthClientOptions;
-  /** The refresh this tab is doing or waiting for: every caller that needs the same one gets this promise. */
-  private inflight: { key: string; promise: Promise<StoredTokens> } | null = null;
-  private readonly logins = new Map<string, Promise<StoredTokens>>();
-  /** Bumped by every login and logout: a refresh that finishes in another epoch belongs to a session that is gone. */
+  private readonly options: Settings;
+  private readonly channel: BroadcastChannelLike | null = null;
+  private readonly locks: LockManagerLike | null = null;
+  private readonly lockName: string = "";
+  /** The refresh under way in this tab: every caller that needs one joins it. */
+  private flight: Promise<StoredTokens> | null = null;
+  /** Bumped by setSession: a refresh that ends in another epoch belongs to a session that changed meanwhile. */
   private epoch = 0;
+  /** Why the session ended last: what the callers of a refresh that outlived it get. */
+  private ended: SessionExpiredError = loggedOut();
   private timer: ReturnType<typeof setTimeout> | undefined;
   private closed = false;
 
   constructor(options: AuthClientOptions = {}) {
-    this.options = options;
-    const base = options.baseUrl ?? (globalThis as { location?: { origin?: string } }).location?.origin;
-    if (!base) throw new TypeError("AuthClient needs baseUrl outside a browser page");
-    this.baseUrl = new URL(base);
-    this.authBase = (options.authPath ?? "/api/auth").replace(/\/+$/, "");
-    const f = options.fetch ?? globalThis.fetch;
-    // Browsers refuse a fetch called with another `this` ("Illegal invocation").
-    this.fetchImpl = (input, init) => f.call(globalThis, input, init);
-    this.storage = options.storage ?? memoryStorage();
-    this.transport = options.transport ?? "body";
-    this.csrf = options.csrfHeader ?? { name: "X-Requested-With", value: "XMLHttpRequest" };
-    this.proactive = options.proactiveRefresh ?? true;
-    this.leadMs = options.refreshLeadMs ?? 30_000;
-    this.jitterMs = options.refreshJitterMs ?? 10_000;
-    this.retryDelayMs = options.retryDelayMs ?? 1_000;
-    this.timeoutMs = options.requestTimeoutMs ?? 10_000;
-    const origin = this.baseUrl.origin;
-    this.attach = options.shouldAttachToken ?? ((url) => url.origin === origin);
+    const baseUrl = options.baseUrl ?? (globalThis as { location?: { origin?: string } }).location?.origin;
+    if (!baseUrl) throw new TypeError("AuthClient needs baseUrl outside a browser page");
+    const origin = new URL(baseUrl).origin;
+    const fetchImpl = options.fetch ?? globalThis.fetch;
+    this.options = {
+      ...options,
+      baseUrl,
+      authPath: (options.authPath ?? "/api/auth").replace(/\/+$/, ""),
+      transport: options.transport ?? "body",
+      csrfHeader: options.csrfHeader ?? { name: "X-Requested-With", value: "XMLHttpRequest" },
+      // Browsers refuse a fetch called with another `this` ("Illegal invocation").
+      fetch: (input, init) => fetchImpl.call(globalThis, input, init),
+      storage: options.storage ?? memoryStorage(),
+      proactiveRefresh: options.proactiveRefresh ?? true,
+      refreshLeadMs: options.refreshLeadMs ?? 30_000,
+      refreshJitterMs: options.refreshJitterMs ?? 10_000,
+      retryDelayMs: options.retryDelayMs ?? 1_000,
+      requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
+      shouldAttachToken: options.shouldAttachToken ?? ((url) => url.origin === origin),
+    };
     const crossTab = options.crossTab ?? typeof (globalThis as { document?: unknown }).document !== "undefined";
-    if (isCoordinator(crossTab)) {
-      this.coordinator = crossTab;
-      this.ownsCoordinator = false;
-    } else {
-      this.coordinator =
-        crossTab === false ? localCoordinator() : createCoordinator(crossTab === true ? {} : crossTab, this.timeoutMs + 5_000);
-      this.ownsCoordinator = true;
+    if (crossTab) {
+      const tabs = crossTab === true ? {} : crossTab;
+      const name = tabs.channelName ?? "token-broker";
+      this.lockName = `${name}:refresh`;
+      const locks = (globalThis as { navigator?: { locks?: LockManagerLike } }).navigator?.locks;
+      this.locks = tabs.locks !== undefined ? tabs.locks : typeof locks?.request === "function" ? locks : null;
+      this.channel = tabs.channel !== undefined ? tabs.channel : openChannel(name);
+      this.channel?.addEventListener("message", (event) => this.onMessage(event.data));
     }
-    this.unsubscribe = this.coordinator.subscribe((event) => this.onPeer(event));
-    this.schedule(this.storage.get());
+    this.schedule(this.options.storage.get());
   }
 
   /**
-   * fetch with the access token: on a 401 for an expired or invalid access token, refresh once (shared by
-   * every request and tab that needs it) and retry the request once. Rejects with SessionExpiredError
-   * when the session is over and RetryableAuthError when the refresh could not be done now; answers
-   * (including a second 401) are returned as they are. Bodies are replayed on the retry, so a stream
-   * body is buffered.
+   * fetch with the access token. On a 401 for an expired or invalid access token, refresh (joining the
+   * refresh under way) and send the request once more, with the same body; answers, a second 401
+   * included, come back as they are. Rejects with SessionExpiredError (the session is over) or
+   * RetryableAuthError (no refresh now); an aborted `signal` stops the wait for a refresh.
    */
   readonly fetch = async (input: RequestInfo | URL, init?: RequestInit): Promise<Response> => {
-    const request = this.toRequest(input, init);
-    if (request.headers.has("Authorization") || !this.attach(new URL(request.url))) return this.fetchImpl(request);
-    let tokens = this.storage.get();
-    if (tokens && this.expired(tokens) && this.canRefresh(tokens)) {
-      tokens = await abortable(this.refreshFrom(tokens), request.signal);
+    if (this.closed) throw closedError();
+    const o = this.options;
+    const request = toRequest(input, init, o.baseUrl);
+    if (request.headers.has("Authorization") || !o.shouldAttachToken(new URL(request.url))) return o.fetch(request);
+    let tokens = o.storage.get();
+    if (tokens?.expiresAt !== undefined && Date.now() >= tokens.expiresAt && this.canRefresh(tokens)) {
+      tokens = await abortable(this.refresh(), request.signal);
     }
     const response = await this.send(request, tokens);
     if (!tokens || !(await rejectsAccessToken(response))) return response;
-    let fresh: StoredTokens;
-    try {
-      const current = this.storage.get();
-      if (current && current.accessToken !== tokens.accessToken) fresh = current; // refreshed meanwhile
-      else if (current && this.canRefresh(current)) fresh = await abortable(this.refreshFrom(current), request.signal);
-      else return response;
-    } catch (err) {
-      await discard(response);
-      throw err;
-    }
+    const current = o.storage.get();
+    const refreshedMeanwhile = current !== null && current.accessToken !== tokens.accessToken;
+    if (!current || (!refreshedMeanwhile && !this.canRefresh(current))) return response;
     await discard(response);
-    return this.send(request, fresh);
+    return this.send(request, refreshedMeanwhile ? current : await abortable(this.refresh(), request.signal));
   };
 
-  /** Log in with the broker. Identical concurrent attempts share one request: Keycloak refuses parallel logins of one user. */
-  login(username: string, password: string, options: { scope?: string } = {}): Promise<StoredTokens> {
-    // The same attempt twice (a double click) is one request; the password is part of the key, in memory while it runs.
-    const attempt = JSON.stringify([username, password, options.scope ?? null]);
-    const pending = this.logins.get(attempt);
-    if (pending) return pending;
-    const promise = (async () => {
-      const body: Record<string, string> = { username, password };
-      if (options.scope) body.scope = options.scope;
-      const response = await this.post("login", body);
-      if (!response.ok) throw await failure(response, "login");
-      const tokens = await this.tokensFrom(response, null);
-      this.epoch++;
-      this.adopt(tokens);
-      this.coordinator.announce({ type: "login", tokens });
-      return tokens;
-    })().finally(() => this.logins.delete(attempt));
-    this.logins.set(attempt, promise);
-    return promise;
+  /** Log in with the broker; the other tabs get the new session too. Rejects with AuthRequestError for a wrong password. */
+  async login(username: string, password: string, options: { scope?: string } = {}): Promise<StoredTokens> {
+    const response = await this.post("login", options.scope ? { username, password, scope: options.scope } : { username, password });
+    if (!response.ok) throw await failure(response, false);
+    const tokens = await this.tokensFrom(response, null);
+    this.setSession(tokens, { type: "login", replaces: null });
+    return tokens;
   }
 
   /**
-   * Refresh now (shared with any refresh already under way). In cookie mode, call it after a page load to
-   * pick the session up from the cookie. Rejects with SessionExpiredError or RetryableAuthError.
+   * Refresh now, or join the refresh under way: the client's one way to refresh (fetch and the timer use
+   * it too). With Web Locks one tab at a time refreshes, and a tab that gets the lock after another tab's
+   * new tokens arrived takes those. In cookie mode, call it on page load to pick the session up from the
+   * cookie. Rejects with SessionExpiredError, RetryableAuthError or AuthRequestError.
    */
   refresh(): Promise<StoredTokens> {
-    const tokens = this.storage.get();
-    if (tokens ? !this.canRefresh(tokens) : this.transport === "body") {
+    if (this.flight) return this.flight;
+    if (this.closed) return Promise.reject(closedError());
+    const o = this.options;
+    const from = o.storage.get();
+    if (from ? !this.canRefresh(from) : o.transport === "body") {
       return Promise.reject(new SessionExpiredError("There is no session to refresh", { error: "no_session" }));
     }
-    return this.refreshFrom(tokens);
+    const epoch = this.epoch;
+    const changed = () => this.epoch !== epoch || o.storage.get()?.accessToken !== from?.accessToken;
+    const run = async (): Promise<StoredTokens> => {
+      if (changed()) return this.current(); // another tab refreshed (or a login, a logout) while this one waited
+      let tokens: StoredTokens;
+      try {
+        const response = await this.post("refresh-token", o.transport === "body" ? { refresh_token: from?.refreshToken } : {});
+        if (!response.ok) throw await failure(response, true);
+        tokens = await this.tokensFrom(response, from);
+      } catch (err) {
+        if (changed()) return this.current();
+        if (err instanceof SessionExpiredError && from) this.setSession(null, { type: "expired", replaces: from.accessToken, error: err });
+        throw err;
+      }
+      if (changed()) return this.current();
+      this.setSession(tokens, { type: "refresh", replaces: from?.accessToken ?? null }); // told to the other tabs before the lock goes
+      return tokens;
+    };
+    const flight = (this.locks ? this.locks.request(this.lockName, run) : run())
+      .catch((err: unknown) => {
+        throw err instanceof AuthError ? err : new RetryableAuthError("The refresh failed", { error: "refresh_failed", cause: err });
+      })
+      .finally(() => {
+        if (this.flight === flight) this.flight = null;
+      });
+    this.flight = flight;
+    return flight;
   }
 
   /**
-   * End the session: tokens are forgotten here and in the other tabs at once, then the broker ends the
-   * Keycloak session. Rejects with RetryableAuthError when the broker could not be told (the local
-   * tokens are gone all the same) and AuthRequestError when it refused the call (e.g. csrf_failed).
+   * End the session: the tokens are forgotten here and in the other tabs at once, then the broker ends the
+   * Keycloak session. Rejects with RetryableAuthError when the broker could not be told (the local tokens
+   * are gone all the same) and AuthRequestError when it refused the call (e.g. csrf_failed).
    */
   async logout(): Promise<void> {
-    const tokens = this.storage.get();
-    this.epoch++;
-    this.clear();
-    this.coordinator.announce({ type: "logout" });
-    safely(() => this.options.onLogout?.());
-    if (this.transport === "body" && !tokens?.refreshToken) return;
-    const response = await this.post("logout", this.transport === "body" ? { refresh_token: tokens?.refreshToken } : {});
+    const tokens = this.options.storage.get();
+    const body = this.options.transport === "body";
+    this.setSession(null, { type: "logout", replaces: null });
+    if (body && !tokens?.refreshToken) return;
+    const response = await this.post("logout", body ? { refresh_token: tokens?.refreshToken } : {});
     if (response.ok) return discard(response);
-    const error = await failure(response, "logout");
+    const error = await failure(response, false);
     // No refresh token (cookie gone) or a dead one: there is no session left to end.
     if (error.status === 400 && SESSION_OVER.has(error.error)) return;
     throw error;
@@ -207,224 +244,130 @@ export class AuthClient {
 
   /** The tokens in storage, or null. */
   getTokens(): StoredTokens | null {
-    return this.storage.get();
+    return this.options.storage.get();
   }
 
-  /** Put tokens in storage (StoredTokens, or the broker's token object as login answered it), or clear them. */
+  /** Put tokens in storage (StoredTokens, or the broker's token object as login answered it), or clear them. This tab only. */
   setTokens(tokens: StoredTokens | BrokerTokenResponse | null): void {
     const stored = tokens === null || isStoredTokens(tokens) ? tokens : fromTokenResponse(tokens, Date.now());
     if (tokens !== null && stored === null) throw new TypeError("setTokens needs an access token");
-    this.epoch++;
-    if (stored) this.adopt(stored);
-    else this.clear();
+    this.setSession(stored, { type: "set", replaces: null });
   }
 
-  /** Stop timers and leave the tabs' channel. The client must not be used afterwards. */
+  /** Stop the proactive refresh and leave the other tabs. Every later call, and a refresh still under way, rejects with `client_closed`. */
   close(): void {
     this.closed = true;
-    this.setTimer(undefined);
-    this.unsubscribe();
-    if (this.ownsCoordinator) this.coordinator.close();
-  }
-
-  // --- refresh ---
-
-  /** The one refresh that replaces `from`: joined by every caller in this tab, coordinated with the other tabs. */
-  private refreshFrom(from: StoredTokens | null): Promise<StoredTokens> {
-    const key = this.keyOf(from);
-    if (this.inflight?.key === key) return this.inflight.promise;
-    const epoch = this.epoch;
-    const run = async () => {
-      try {
-        const tokens = await this.coordinator.coordinate(key, () => this.refreshHere(from), this.transport === "body");
-        if (epoch !== this.epoch) return this.afterSessionChange();
-        if (this.storage.get()?.accessToken !== tokens.accessToken) this.adopt(tokens);
-        return tokens;
-      } catch (err) {
-        if (epoch !== this.epoch) return this.afterSessionChange(err);
-        if (err instanceof SessionExpiredError) this.expire(key, err);
-        throw err;
-      }
-    };
-    const promise = run().finally(() => {
-      if (this.inflight?.promise === promise) this.inflight = null;
-    });
-    this.inflight = { key, promise };
-    return promise;
+    clearTimeout(this.timer);
+    this.channel?.close();
   }
 
   /**
-   * A login, logout or expiry (maybe announced by another tab) happened while a refresh was under way:
-   * its outcome belongs to the old session. Go on with the new session's tokens, if there is one.
+   * The only place the session changes: storage, epoch, the proactive timer, the callbacks, and (unless
+   * the change came from there, or is setTokens) the other tabs.
    */
-  private afterSessionChange(error?: unknown): StoredTokens {
-    const current = this.storage.get();
-    if (current) return current;
-    if (error instanceof SessionExpiredError) throw error;
-    throw new SessionExpiredError("Logged out", { error: "logged_out" });
+  private setSession(tokens: StoredTokens | null, change: Change, fromOtherTab = false): void {
+    if (this.closed) throw closedError();
+    this.epoch++;
+    this.flight = null; // callers from now on need a refresh of the new session, not of the old one
+    this.options.storage.set(tokens);
+    const { type, replaces, error } = change;
+    if (!tokens) this.ended = error ?? loggedOut();
+    this.schedule(tokens);
+    if (!fromOtherTab && type !== "set") {
+      const message: TabMessage = { v: 2, type, replaces, tokens, error: error && { error: error.error, message: error.message, status: error.status } };
+      try {
+        this.channel?.postMessage(message);
+      } catch {
+        // A channel that cannot post (closed by the page) leaves this tab on its own.
+      }
+    }
+    safely(() => this.options.onTokens?.(tokens));
+    if (type === "logout") safely(() => this.options.onLogout?.());
+    if (error) safely(() => this.options.onSessionExpired?.(error));
   }
 
-  /** The refresh call itself, in the tab that won the claim. Never goes through `this.fetch`. */
-  private async refreshHere(from: StoredTokens | null): Promise<StoredTokens> {
-    const current = this.storage.get();
-    if (from && !current) throw new SessionExpiredError("Logged out", { error: "logged_out" });
-    // Another tab's tokens arrived while this one waited for its turn: nothing left to spend.
-    if (current && current.accessToken !== from?.accessToken) return current;
-    const body = this.transport === "body" ? { refresh_token: from?.refreshToken } : {};
-    const response = await this.post("refresh-token", body);
-    if (!response.ok) throw await failure(response, "refresh");
-    return this.tokensFrom(response, from);
+  /** Another tab's change of the session: taken if it is for the tokens this tab holds (or for every tab). */
+  private onMessage(data: unknown): void {
+    const m = parseMessage(data);
+    const current = this.options.storage.get();
+    if (!m || this.closed || (m.replaces === null ? !m.tokens && !current : current?.accessToken !== m.replaces)) return;
+    const error = m.error && new SessionExpiredError(m.error.message, { error: m.error.error, status: m.error.status });
+    this.setSession(m.tokens, { type: m.type, replaces: m.replaces, error }, true);
+  }
+
+  /** What the callers of a refresh that lost its session to a change get: the new session's tokens, or why it ended. */
+  private current(): StoredTokens {
+    if (this.closed) throw closedError();
+    const tokens = this.options.storage.get();
+    if (!tokens) throw this.ended;
+    return tokens;
+  }
+
+  /** Plan the proactive refresh of `tokens`: shortly before they expire, or `delayMs` after a retryable failure. */
+  private schedule(tokens: StoredTokens | null, attempt = 0, delayMs?: number): void {
+    clearTimeout(this.timer);
+    const o = this.options;
+    if (!tokens || !o.proactiveRefresh || this.closed || tokens.expiresAt === undefined || !this.canRefresh(tokens)) return;
+    const lifetime = Math.max(0, tokens.expiresAt - tokens.receivedAt);
+    const lead = Math.min(o.refreshLeadMs, lifetime / 3) + Math.random() * Math.min(o.refreshJitterMs, lifetime / 10);
+    const wait = delayMs ?? tokens.expiresAt - lead - Date.now();
+    this.timer = setTimeout(() => {
+      const current = o.storage.get();
+      // Another tab changed a storage the tabs share: plan for what is there now.
+      if (current?.accessToken !== tokens.accessToken) return this.schedule(current);
+      this.refresh().catch((err: unknown) => {
+        // An ended session was handled by refresh(); a refusal that a retry will not fix waits for a request.
+        if (!(err instanceof RetryableAuthError) || o.storage.get()?.accessToken !== tokens.accessToken) return;
+        const backoff = err.retryAfter !== undefined ? err.retryAfter * 1000 : Math.min(o.retryDelayMs * 2 ** attempt, MAX_RETRY_DELAY_MS);
+        this.schedule(tokens, attempt + 1, backoff);
+      });
+    }, Math.min(Math.max(0, wait), MAX_TIMER_MS));
+    (this.timer as { unref?: () => void }).unref?.(); // Node: a pending refresh must not keep the process alive
+  }
+
+  private canRefresh(tokens: StoredTokens): boolean {
+    return this.options.transport === "cookie" || !!tokens.refreshToken;
   }
 
   private async tokensFrom(response: Response, previous: StoredTokens | null): Promise<StoredTokens> {
     const body = (await readJson(response)) as { token?: unknown } | undefined;
     const tokens = fromTokenResponse(body?.token, Date.now());
-    if (!tokens) {
-      throw new RetryableAuthError("The broker's answer had no usable token", { error: "invalid_response", status: response.status });
-    }
+    if (!tokens) throw new RetryableAuthError("The broker's answer had no usable token", { error: "invalid_response", status: response.status });
     // A broker without rotation may leave the refresh token out of a refresh answer: keep the one in hand.
-    if (this.transport === "body" && !tokens.refreshToken && previous?.refreshToken) tokens.refreshToken = previous.refreshToken;
+    if (this.options.transport === "body" && !tokens.refreshToken && previous?.refreshToken) tokens.refreshToken = previous.refreshToken;
     return tokens;
   }
 
   /**
-   * POST JSON to one of the broker's auth routes; network failures and timeouts become RetryableAuthError.
-   * Cookie mode: with the cookie (`credentials: "include"`) and the CSRF proof, on login too (so that a
-   * cross-site form cannot plant another person's session cookie).
+   * POST JSON to one of the broker's auth routes; a network failure or the timeout is a RetryableAuthError.
+   * Cookie mode: with the cookie and the CSRF proof, on login too (no cross-site form may plant a session).
    */
   private async post(route: string, body: object): Promise<Response> {
+    if (this.closed) throw closedError();
+    const o = this.options;
+    const cookie = o.transport === "cookie";
     const headers = new Headers({ "Content-Type": "application/json", Accept: "application/json" });
-    const cookie = this.transport === "cookie";
-    if (cookie) headers.set(this.csrf.name, this.csrf.value);
-    const url = new URL(`${this.authBase}/${route}`, this.baseUrl);
-    const request = new Request(url, {
-      method: "POST",
-      headers,
-      body: JSON.stringify(body),
-      credentials: cookie ? "include" : "same-origin",
-      signal: timeoutSignal(this.timeoutMs),
-    });
+    if (cookie) headers.set(o.csrfHeader.name, o.csrfHeader.value);
+    const signal = AbortSignal.timeout(o.requestTimeoutMs);
+    const init: RequestInit = { method: "POST", headers, body: JSON.stringify(body), credentials: cookie ? "include" : "same-origin", signal };
     try {
-      return await this.fetchImpl(request);
+      return await o.fetch(new Request(new URL(`${o.authPath}/${route}`, o.baseUrl), init));
     } catch (err) {
-      const timedOut = (err as { name?: string } | null)?.name === "TimeoutError" || request.signal.aborted;
-      throw new RetryableAuthError(timedOut ? "The broker did not answer in time" : "The broker could not be reached", {
-        error: timedOut ? "timeout" : "network_error",
-        cause: err,
-      });
+      const timedOut = signal.aborted || (err as { name?: string } | null)?.name === "TimeoutError";
+      const message = timedOut ? "The broker did not answer in time" : "The broker could not be reached";
+      throw new RetryableAuthError(message, { error: timedOut ? "timeout" : "network_error", cause: err });
     }
   }
 
-  // --- state ---
-
-  private keyOf(tokens: StoredTokens | null): string {
-    // Cookie mode: every tab spends the same cookie, so every refresh is the same one.
-    if (this.transport === "cookie") return "cookie";
-    return fingerprint(tokens?.refreshToken ?? tokens?.accessToken ?? "");
-  }
-
-  private canRefresh(tokens: StoredTokens): boolean {
-    return this.transport === "cookie" || !!tokens.refreshToken;
-  }
-
-  private expired(tokens: StoredTokens): boolean {
-    return tokens.expiresAt !== undefined && Date.now() >= tokens.expiresAt;
-  }
-
-  private adopt(tokens: StoredTokens): void {
-    this.storage.set(tokens);
-    this.schedule(tokens);
-    safely(() => this.options.onTokens?.(tokens));
-  }
-
-  private clear(): void {
-    this.setTimer(undefined);
-    this.storage.set(null);
-    safely(() => this.options.onTokens?.(null));
-  }
-
-  /** The broker refused the refresh of `key`: end the session once, if it is still the one in storage. */
-  private expire(key: string, error: SessionExpiredError): void {
-    const current = this.storage.get();
-    if (!current || this.keyOf(current) !== key) return;
-    this.epoch++;
-    this.clear();
-    safely(() => this.options.onSessionExpired?.(error));
-  }
-
-  private onPeer(event: PeerEvent): void {
-    if (this.closed) return;
-    const current = this.storage.get();
-    switch (event.type) {
-      case "login":
-        this.epoch++;
-        this.adopt(event.tokens);
-        return;
-      case "logout":
-        if (!current) return;
-        this.epoch++;
-        this.clear();
-        safely(() => this.options.onLogout?.());
-        return;
-      case "refreshed":
-        // Body mode: take them if they replace the tokens this tab holds. Cookie mode: if they are newer.
-        if (!current || current.accessToken === event.tokens.accessToken) return;
-        if (this.transport === "cookie" ? event.tokens.receivedAt > current.receivedAt : this.keyOf(current) === event.key) {
-          this.adopt(event.tokens);
-        }
-        return;
-      case "refresh-failed":
-        if (event.error instanceof SessionExpiredError) this.expire(event.key, event.error);
-        return;
-    }
-  }
-
-  // --- proactive refresh ---
-
-  private schedule(tokens: StoredTokens | null, attempt = 0): void {
-    this.setTimer(undefined);
-    if (!tokens || !this.proactive || this.closed || tokens.expiresAt === undefined || !this.canRefresh(tokens)) return;
-    const lifetime = Math.max(0, tokens.expiresAt - tokens.receivedAt);
-    const lead = Math.min(this.leadMs, lifetime / 3) + Math.random() * Math.min(this.jitterMs, lifetime / 10);
-    this.setTimer(tokens.expiresAt - lead - Date.now(), () => this.refreshAhead(tokens, attempt));
-  }
-
-  private refreshAhead(tokens: StoredTokens, attempt: number): void {
-    const current = this.storage.get();
-    if (this.closed || !current || current.accessToken !== tokens.accessToken) return;
-    this.refreshFrom(current).catch((err: unknown) => {
-      // A session that ended was handled by expire(); a refusal that trying again will not fix waits for a request.
-      if (!(err instanceof AuthError) || !err.retryable || this.closed) return;
-      if (this.storage.get()?.accessToken !== tokens.accessToken) return;
-      const wait = err.retryAfter !== undefined ? err.retryAfter * 1000 : Math.min(this.retryDelayMs * 2 ** attempt, MAX_RETRY_DELAY_MS);
-      this.setTimer(wait, () => this.refreshAhead(tokens, attempt + 1));
-    });
-  }
-
-  private setTimer(delayMs: number | undefined, run?: () => void): void {
-    if (this.timer !== undefined) clearTimeout(this.timer);
-    this.timer = undefined;
-    if (delayMs === undefined || !run) return;
-    this.timer = setTimeout(run, Math.min(Math.max(0, delayMs), MAX_TIMER_MS));
-    unrefTimer(this.timer);
-  }
-
-  // --- requests ---
-
-  /** A Request; relative URLs resolve as fetch resolves them (against the page), or against baseUrl outside a browser. */
-  private toRequest(input: RequestInfo | URL, init?: RequestInit): Request {
-    if (input instanceof Request) return init ? new Request(input, init) : input;
-    const page = (globalThis as { location?: { href?: string } }).location?.href;
-    return new Request(new URL(input instanceof URL ? input.href : input, page ?? this.baseUrl), init);
-  }
-
+  /** Send a copy of `request` (the original stays unread, for the replay) with the access token. */
   private send(request: Request, tokens: StoredTokens | null): Promise<Response> {
-    const attempt = request.clone(); // the original stays unread, for the retry
+    const attempt = request.clone();
     if (tokens) attempt.headers.set("Authorization", `Bearer ${tokens.accessToken}`);
-    return this.fetchImpl(attempt);
+    return this.options.fetch(attempt);
   }
 }
 
+/** A new AuthClient: `createAuthClient(options)` is `new AuthClient(options)`. */
 export function createAuthClient(options: AuthClientOptions = {}): AuthClient {
   return new AuthClient(options);
 }
@@ -443,28 +386,45 @@ export async function rejectsAccessToken(response: Response): Promise<boolean> {
   return (body as { error?: unknown } | undefined)?.error === "invalid_token";
 }
 
-/** The broker's refusal as an AuthError: 5xx, 408, 425, 429 retryable; a dead refresh token ends the session. */
-async function failure(response: Response, call: "login" | "refresh" | "logout"): Promise<AuthError> {
+/** The broker's refusal as an AuthError: 5xx, 408, 425, 429 mean later; a refused refresh token ends the session. */
+async function failure(response: Response, refresh: boolean): Promise<AuthError> {
   const body = (await readJson(response)) as { error?: unknown; message?: unknown } | undefined;
   const status = response.status;
   const error = typeof body?.error === "string" ? body.error : `http_${status}`;
   const message = typeof body?.message === "string" ? body.message : `The broker answered ${status}`;
-  if (status >= 500 || RETRYABLE_STATUS.has(status)) {
+  if (status >= 500 || RETRY_LATER_STATUS.has(status)) {
     return new RetryableAuthError(message, { error, status, retryAfter: retryAfterSeconds(response.headers.get("Retry-After")) });
   }
-  if (call === "refresh" && (status === 400 || status === 401) && SESSION_OVER.has(error)) {
-    return new SessionExpiredError(message, { error, status });
-  }
+  if (refresh && (status === 400 || status === 401) && SESSION_OVER.has(error)) return new SessionExpiredError(message, { error, status });
   return new AuthRequestError(message, { error, status });
 }
 
-async function readJson(response: Response): Promise<unknown> {
-  try {
-    return await response.json();
-  } catch {
-    return undefined;
-  }
+/** A TabMessage, or null for anything else on the channel. */
+function parseMessage(data: unknown): TabMessage | null {
+  const m = data as Partial<TabMessage> | null;
+  if (m?.v !== 2 || !["login", "refresh", "logout", "expired"].includes(m.type!)) return null;
+  if ((m.tokens !== null && !isStoredTokens(m.tokens)) || (m.replaces !== null && typeof m.replaces !== "string")) return null;
+  return m.error === undefined || typeof m.error?.message === "string" ? (m as TabMessage) : null;
 }
+
+/** A Request; relative URLs resolve as fetch resolves them (against the page), or against baseUrl outside a browser. */
+function toRequest(input: RequestInfo | URL, init: RequestInit | undefined, baseUrl: string): Request {
+  if (input instanceof Request) return init ? new Request(input, init) : input;
+  const page = (globalThis as { location?: { href?: string } }).location?.href;
+  return new Request(new URL(input instanceof URL ? input.href : input, page ?? baseUrl), init);
+}
+
+function openChannel(name: string): BroadcastChannelLike | null {
+  const Channel = (globalThis as { BroadcastChannel?: new (name: string) => BroadcastChannelLike & { unref?: () => void } }).BroadcastChannel;
+  if (!Channel) return null;
+  const channel = new Channel(name);
+  channel.unref?.(); // Node: an open channel must not keep the process alive
+  return channel;
+}
+
+const closedError = () => new AuthError("The client was closed", { error: "client_closed" });
+const loggedOut = () => new SessionExpiredError("Logged out", { error: "logged_out" });
+const readJson = (response: Response): Promise<unknown> => response.json().catch(() => undefined);
 
 function retryAfterSeconds(value: string | null): number | undefined {
   if (!value) return undefined;
@@ -473,20 +433,8 @@ function retryAfterSeconds(value: string | null): number | undefined {
   return Number.isNaN(date) ? undefined : Math.max(0, Math.ceil((date - Date.now()) / 1000));
 }
 
-async function discard(response: Response): Promise<void> {
-  try {
-    await response.body?.cancel();
-  } catch {
-    // Already read or errored: nothing to free.
-  }
-}
-
-function timeoutSignal(ms: number): AbortSignal {
-  if (typeof AbortSignal.timeout === "function") return AbortSignal.timeout(ms);
-  const controller = new AbortController();
-  setTimeout(() => controller.abort(), ms);
-  return controller.signal;
-}
+/** Free an answer's body that nobody will read (already read or errored: nothing to free). */
+const discard = async (response: Response): Promise<void> => response.body?.cancel().catch(() => undefined);
 
 /** `promise`, or the caller's abort: a request aborted while it waits for a refresh does not wait on. */
 function abortable<T>(promise: Promise<T>, signal: AbortSignal | null): Promise<T> {
@@ -495,16 +443,7 @@ function abortable<T>(promise: Promise<T>, signal: AbortSignal | null): Promise<
   return new Promise<T>((resolve, reject) => {
     const onAbort = () => reject(signal.reason);
     signal.addEventListener("abort", onAbort, { once: true });
-    promise.then(
-      (value) => {
-        signal.removeEventListener("abort", onAbort);
-        resolve(value);
-      },
-      (err: unknown) => {
-        signal.removeEventListener("abort", onAbort);
-        reject(err);
-      },
-    );
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
   });
 }
 
@@ -517,8 +456,4 @@ function safely(run: () => void): void {
       throw err;
     }, 0);
   }
-}
-
-function isCoordinator(value: unknown): value is RefreshCoordinator {
-  return typeof value === "object" && value !== null && typeof (value as RefreshCoordinator).coordinate === "function";
 }

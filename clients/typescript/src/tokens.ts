@@ -35,12 +35,7 @@ export interface TokenStorage {
 /** Tokens in this JavaScript context's memory only (the default): gone on reload, never on disk. */
 export function memoryStorage(): TokenStorage {
   let tokens: StoredTokens | null = null;
-  return {
-    get: () => tokens,
-    set: (next) => {
-      tokens = next;
-    },
-  };
+  return { get: () => tokens, set: (next) => void (tokens = next) };
 }
 
 /** The part of the Web Storage API (sessionStorage, localStorage) that webStorage needs. */
@@ -57,22 +52,18 @@ export interface WebStorageLike {
 export function webStorage(store: WebStorageLike, key = "token-broker.tokens"): TokenStorage {
   return {
     get: () => {
-      const raw = store.getItem(key);
-      if (raw === null) return null;
       try {
-        const parsed: unknown = JSON.parse(raw);
+        const parsed: unknown = JSON.parse(store.getItem(key) ?? "null");
         return isStoredTokens(parsed) ? parsed : null;
       } catch {
-        return null;
+        return null; // not JSON: not ours
       }
     },
-    set: (tokens) => {
-      if (tokens === null) store.removeItem(key);
-      else store.setItem(key, JSON.stringify(tokens));
-    },
+    set: (tokens) => (tokens === null ? store.removeItem(key) : store.setItem(key, JSON.stringify(tokens))),
   };
 }
 
+/** Does `value` look like StoredTokens (what storage and the other tabs hand over)? */
 export function isStoredTokens(value: unknown): value is StoredTokens {
   if (typeof value !== "object" || value === null) return false;
   const v = value as Record<string, unknown>;
@@ -90,33 +81,16 @@ export function fromTokenResponse(token: unknown, now: number): StoredTokens | n
   if (typeof token !== "object" || token === null) return null;
   const t = token as Record<string, unknown>;
   if (typeof t.access_token !== "string" || t.access_token === "") return null;
-  const seconds = (v: unknown) => (typeof v === "number" && Number.isFinite(v) && v > 0 ? v : undefined);
+  const after = (v: unknown) => (typeof v === "number" && Number.isFinite(v) && v > 0 ? now + v * 1000 : undefined);
   const text = (v: unknown) => (typeof v === "string" && v !== "" ? v : undefined);
-  const expiresIn = seconds(t.expires_in);
-  const refreshExpiresIn = seconds(t.refresh_expires_in);
   return {
     accessToken: t.access_token,
     refreshToken: text(t.refresh_token),
-    expiresAt: expiresIn === undefined ? undefined : now + expiresIn * 1000,
-    refreshExpiresAt: refreshExpiresIn === undefined ? undefined : now + refreshExpiresIn * 1000,
+    expiresAt: after(t.expires_in),
+    refreshExpiresAt: after(t.refresh_expires_in),
     receivedAt: now,
     tokenType: text(t.token_type),
     scope: text(t.scope),
     idToken: text(t.id_token),
   };
-}
-
-/**
- * A short, stable name for a token (FNV-1a, two 32-bit lanes): what tabs use to agree which refresh
- * token is being spent. Not a secret and not a security boundary: tabs share the tokens themselves.
- */
-export function fingerprint(token: string): string {
-  let a = 0x811c9dc5;
-  let b = 0x01000193 ^ token.length;
-  for (let i = 0; i < token.length; i++) {
-    const c = token.charCodeAt(i);
-    a = Math.imul(a ^ c, 0x01000193) >>> 0;
-    b = Math.imul(b ^ c, 0x5bd1e995) >>> 0;
-  }
-  return a.toString(16).padStart(8, "0") + b.toString(16).padStart(8, "0") + ":" + token.length.toString(36);
 }

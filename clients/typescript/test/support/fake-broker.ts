@@ -2,7 +2,8 @@
  * A tiny stand-in for the broker on 127.0.0.1, for what the real stack cannot produce on demand: a 503 or
  * a dropped connection from refresh, a hanging refresh, tokens that expire in a second, cookie mode.
  * It rotates refresh tokens like the shipped realm: a refresh token works once, and a second use ends the
- * session (so a test that refreshes twice with one token finds out).
+ * session (so a test that refreshes twice with one token finds out), unless it comes within `graceMs`
+ * of the first: then it gets the first one's answer, as the real broker's refresh coalescing gives it.
  */
 
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
@@ -40,13 +41,16 @@ export class FakeBroker {
   expiresIn = 300;
   /** How long a successful refresh takes, so concurrent callers overlap. */
   refreshDelayMs = 30;
+  /** The broker's coalescing grace: a spent refresh token presented again this soon gets the same answer. 0: off. */
+  graceMs = 0;
   /** Cookie mode: login, refresh and logout need the CSRF header; refresh and logout take no refresh_token; none is answered. */
   cookieMode = false;
   csrfHeader = { name: "x-requested-with", value: "XMLHttpRequest" };
 
   private server: Server | undefined;
+  private readonly watchers: (() => void)[] = [];
   private readonly accessTokens = new Map<string, { expiresAt: number; session: Session }>();
-  private readonly refreshTokens = new Map<string, { used: boolean; session: Session }>();
+  private readonly refreshTokens = new Map<string, { used: boolean; session: Session; answer?: { usedAt: number; token: BrokerTokenResponse } }>();
   private cookieToken: { rt: string } | undefined;
   private counter = 0;
 
@@ -89,6 +93,11 @@ export class FakeBroker {
     return this.count("/api/auth/refresh-token");
   }
 
+  /** Resolves once `n` refresh calls have arrived in all (this waits on the calls, not on a clock). */
+  async refreshed(n: number): Promise<void> {
+    while (this.refreshCount() < n) await new Promise<void>((resolve) => this.watchers.push(resolve));
+  }
+
   private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const chunks: Buffer[] = [];
     for await (const chunk of req) chunks.push(chunk as Buffer);
@@ -96,6 +105,7 @@ export class FakeBroker {
     const path = new URL(req.url ?? "/", "http://x").pathname;
     const call: Call = { method: req.method ?? "", path, headers: req.headers, body };
     this.calls.push(call);
+    for (const w of this.watchers.splice(0)) w();
     const route = `${call.method} ${path}`;
     if (route === "POST /api/auth/login") {
       return this.answer(req, res, this.login, () => {
@@ -132,12 +142,16 @@ export class FakeBroker {
     await sleep(this.refreshDelayMs);
     const known = this.refreshTokens.get(sent);
     if (!known || !known.session.alive) return this.json(res, 400, { error: "invalid_grant", message: "Session has ended" });
+    if (known.used && known.answer && Date.now() - known.answer.usedAt <= this.graceMs) {
+      return this.json(res, 200, { message: "Token refreshed successfully", token: known.answer.token });
+    }
     if (known.used) {
       known.session.alive = false; // rotation: reuse ends the session, as Keycloak does
       return this.json(res, 400, { error: "invalid_grant", message: "Refresh token was already used; the session has been ended" });
     }
     known.used = true;
-    this.json(res, 200, { message: "Token refreshed successfully", token: this.issue(known.session) });
+    known.answer = { usedAt: Date.now(), token: this.issue(known.session) };
+    this.json(res, 200, { message: "Token refreshed successfully", token: known.answer.token });
   }
 
   private doLogout(call: Call, res: ServerResponse): void {
