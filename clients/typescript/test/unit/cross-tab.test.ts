@@ -159,6 +159,27 @@ describe("cross-tab refresh with Web Locks", () => {
     assert.equal((await a!.fetch("/api/data")).status, 200);
   });
 
+  it("cookie mode, the other tab's tokens after the lock: the tab refreshes again with the new cookie, nothing is spent twice", async () => {
+    broker.cookieMode = true;
+    try {
+      const browser = new FakeBrowser();
+      const [a, b] = [0, 1].map(() => tab({ crossTab: browser.tab(), transport: "cookie" }));
+      const tokens = await a!.login("alice", "pw");
+      assert.deepEqual(b!.getTokens(), tokens);
+      browser.hold();
+      const [ta, tb] = await Promise.all([a!.refresh(), b!.refresh()]);
+      assert.equal(broker.refreshCount(), 2, "b refreshed too, after a, with the cookie a's refresh left");
+      assert.notEqual(tb.accessToken, ta.accessToken);
+      browser.release();
+      await Promise.resolve();
+      assert.deepEqual([a!.getTokens(), b!.getTokens()], [ta, tb], "neither took a message about tokens it no longer holds");
+      await a!.refresh(); // the cookie session is alive
+      assert.equal((await b!.fetch("/api/data")).status, 200);
+    } finally {
+      broker.cookieMode = false;
+    }
+  });
+
   it("without Web Locks each tab refreshes on its own, and the broker's coalescing makes it one session", async () => {
     broker.graceMs = 5_000;
     const browser = new FakeBrowser();
