@@ -56,6 +56,7 @@ def worker_exit(server, worker) -> None:  # noqa: ANN001
     broker = broker_of(getattr(worker, "wsgi", None))
     if broker is not None:
         broker.refresher.drain(timeout=_settings.connect_timeout + _settings.refresh_answer_limit)
+        broker.audit.close(timeout=2.0)  # deliver queued audit events to their sinks, briefly
 
 
 bind = _settings.bind
@@ -87,5 +88,7 @@ logconfig_dict = {
         "gunicorn.error": {"level": _settings.log_level, "handlers": ["stderr"], "propagate": False},
         "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
         "urllib3": {"level": "WARNING"},
+        # The audit trail is written at INFO whatever BROKER_LOG_LEVEL says (docs/operations.md, "Audit events").
+        "app.audit": {"level": "INFO"},
     },
 }

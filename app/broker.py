@@ -14,11 +14,17 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from app.access_tokens import AccessTokenValidator, Introspection, SigningKeys, TokenPolicy
+from app.accounts import Registration, SessionAddresses
+from app.audit import AuditEvents
 from app.config import Settings
 from app.errors import BrokerError, UpstreamUnavailable
 from app.keycloak_client import KeycloakClient, build_session
 from app.local_store import LocalOutcomes
+from app.login_attempts import LoginAttempts
 from app.refresh_coalescing import RedisOutcomes, RefreshCoalescer, UncoalescedRefresh
 from app.shared_store import SharedStore
 
@@ -47,18 +53,26 @@ class Readiness:
         self._hold = hold
         self._clock = clock
         self._lock = threading.Lock()
+        self._checking = threading.Lock()  # one check at a time; probes arriving meanwhile do not wait for it
         self._refused_until = float("-inf")
         self._refusal = ""
 
     def check(self) -> None:
-        """Return when ready; raise UpstreamUnavailable saying what is missing otherwise."""
+        """Return when ready; raise UpstreamUnavailable saying what is missing otherwise (never waits on another probe)."""
         with self._lock:
             if self._refused_until > self._clock():
                 raise UpstreamUnavailable(self._refusal)
-        message = self._missing()
+        if not self._checking.acquire(blocking=False):
+            # Another probe is asking Keycloak right now (a slow Keycloak, or the first start): not ready yet.
+            raise UpstreamUnavailable("The broker is still checking Keycloak; try again shortly")
+        try:
+            message = self._missing()
+            if message is not None:
+                with self._lock:
+                    self._refused_until, self._refusal = self._clock() + self._hold, message
+        finally:
+            self._checking.release()
         if message is not None:
-            with self._lock:
-                self._refused_until, self._refusal = self._clock() + self._hold, message
             raise UpstreamUnavailable(message)
 
     def _missing(self) -> str | None:
@@ -71,7 +85,19 @@ class Readiness:
         return None
 
 
-def build_refresher(settings: Settings, keycloak: KeycloakClient) -> Refresher:
+def redis_options(settings: Settings) -> dict:
+    """Options of every Redis client but the coalescing one: BROKER_REDIS_TIMEOUT per connect and command, no retries."""
+    return {"socket_timeout": settings.redis_timeout, "socket_connect_timeout": settings.redis_timeout,
+            "retry": Retry(NoBackoff(), 0)}
+
+
+def shared_store(settings: Settings) -> SharedStore:
+    """The Redis of BROKER_REDIS_URL behind its circuit breaker (refresh coalescing, IP binding)."""
+    return SharedStore.from_url(settings.redis_url, timeout=settings.redis_timeout,
+                                retry_seconds=settings.redis_retry_seconds)
+
+
+def build_refresher(settings: Settings, keycloak: KeycloakClient, store: SharedStore | None = None) -> Refresher:
     """Refresh coalescing (in-process, plus Redis or the local store across processes), unless switched off."""
     if not settings.refresh_coalescing:
         return UncoalescedRefresh(keycloak.refresh)
@@ -80,8 +106,7 @@ def build_refresher(settings: Settings, keycloak: KeycloakClient) -> Refresher:
     lease = settings.connect_timeout + settings.refresh_answer_limit + 2.0
     shared: RedisOutcomes | LocalOutcomes | None = None
     if settings.redis_url:
-        store = SharedStore.from_url(settings.redis_url, timeout=settings.redis_timeout,
-                                     retry_seconds=settings.redis_retry_seconds)
+        store = store or shared_store(settings)
         shared = RedisOutcomes(store, lease=lease)
     elif settings.state_dir:
         # Under gunicorn (which sets BROKER_STATE_DIR): outcomes outlive a worker that is replaced.
@@ -108,6 +133,10 @@ class Broker:
     introspection: Introspection | None  # BROKER_TOKEN_INTROSPECTION: ask Keycloak whether a session lives
     refresher: Refresher
     readiness: Readiness
+    login_attempts: LoginAttempts
+    registration: Registration
+    session_addresses: SessionAddresses | None  # BROKER_IP_BINDING: where each session logged in from
+    audit: AuditEvents
     version: str = field(default_factory=package_version)
     started: float = field(default_factory=time.monotonic)
 
@@ -115,13 +144,14 @@ class Broker:
     def build(cls, settings: Settings, keycloak: KeycloakClient | None = None) -> "Broker":
         """Build and wire every part from `settings` (a test may pass its own Keycloak client)."""
         keycloak = keycloak or KeycloakClient(settings, build_session(settings, pool_size=settings.upstream_concurrency))
+        store = shared_store(settings) if settings.redis_url else None
         keys = SigningKeys(keycloak.jwks, min_refetch_interval=settings.jwks_min_refetch_seconds,
                            max_age=settings.jwks_max_age_seconds)
         policy = lambda: TokenPolicy(  # noqa: E731 - the issuer is known once discovery has been fetched
             issuer=keycloak.discovery()["issuer"],
             leeway=settings.token_leeway,
-            audiences=settings.token_audiences,
-            authorized_parties=settings.token_authorized_parties,
+            audiences=settings.accepted_audiences,
+            authorized_parties=settings.accepted_authorized_parties,
         )
         return cls(
             settings=settings,
@@ -130,6 +160,18 @@ class Broker:
             access_tokens=AccessTokenValidator(keys, policy),
             introspection=(Introspection(keycloak.introspect, ttl=settings.introspection_cache_seconds)
                            if settings.token_introspection else None),
-            refresher=build_refresher(settings, keycloak),
+            refresher=build_refresher(settings, keycloak, store),
             readiness=Readiness(keycloak, keys),
+            login_attempts=LoginAttempts(
+                per_address_user=settings.rate_limit_login,
+                per_user=settings.rate_limit_login_user,
+                storage_uri=settings.redis_url,
+                storage_options=redis_options(settings) if settings.redis_url else None,
+                retry_seconds=settings.redis_retry_seconds,
+                enabled=settings.rate_limits_enabled,
+            ),
+            registration=Registration(keycloak, email_verified=settings.registration_email_verified,
+                                      login_scope=settings.login_scope),
+            session_addresses=SessionAddresses(store) if settings.ip_binding != "off" else None,
+            audit=AuditEvents.from_settings(settings),
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
@@ -95,10 +97,30 @@ def _cookie_name(raw: str) -> str:
     return raw
 
 
+# Headers a cross-site form or plain navigation can carry (CORS-safelisted), that the browser sets itself
+# (forbidden request headers), or that proxies add to every request: none of them proves anything about CSRF.
+_NOT_A_CSRF_PROOF = frozenset({
+    "accept", "accept-language", "content-language", "content-type", "range",
+    "accept-charset", "accept-encoding", "connection", "content-length", "cookie", "cookie2", "date", "dnt",
+    "expect", "host", "keep-alive", "origin", "referer", "set-cookie", "te", "trailer", "transfer-encoding",
+    "upgrade", "user-agent", "via", "authorization", "forwarded", "x-real-ip", "x-request-id", "cache-control",
+    "pragma", "upgrade-insecure-requests", "priority", "true-client-ip", "x-client-ip", "cf-connecting-ip",
+    "traceparent", "tracestate",
+})
+
+
 def _header_name(raw: str) -> str:
-    if not all(c.isalnum() or c == "-" for c in raw):
+    if not raw or not all(c.isalnum() or c == "-" for c in raw):
         raise ValueError(f"must be an HTTP header name, got {raw!r}")
+    lower = raw.lower()
+    if lower in _NOT_A_CSRF_PROOF or lower.startswith(("sec-", "proxy-", "access-control-", "x-forwarded-")):
+        raise ValueError(f"{raw!r} cannot prove a request is not cross-site (a form, the browser or a proxy sends "
+                         "it); pick a custom header such as X-Requested-With")
     return raw
+
+
+_ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                     r"(?::[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
 
 
 def _origins(raw: str) -> frozenset[str]:
@@ -109,17 +131,30 @@ def _origins(raw: str) -> frozenset[str]:
             raise ValueError("'*' is not allowed: list the frontends' origins (credentials need explicit origins)")
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
             raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
-        origins.add(origin)
+        if not _ORIGIN.fullmatch(origin):
+            # flask-cors reads an origin with a wildcard or other pattern characters as a regular expression, and
+            # an unanchored one: https://*.example.com would let https://xexample.com.attacker.net in.
+            raise ValueError(f"{origin!r} is not an exact origin (no wildcards or patterns): list each frontend")
+        origins.add(origin.lower())  # scheme and host are case-insensitive; browsers send them in lower case
     return frozenset(origins)
 
 
-def _rate_limit(raw: str) -> str:
-    from limits import parse_many
+# The grammar of the `limits` package's parse_many, written out so that gunicorn's master, which reads the
+# settings before any worker patches the standard library for gevent, does not import `limits` (and with it
+# ssl and socket).
+_ONE_RATE = r"\s*[0-9]+\s*(?:/|\s*per\s*)\s*(?:[0-9]+\s*)?(?:hour|minute|second|day|month|year)s?\s*"
+_RATES = re.compile(rf"{_ONE_RATE}(?:[,;|]{_ONE_RATE})*", re.IGNORECASE)
 
-    try:
-        parse_many(raw)
-    except ValueError:
-        raise ValueError(f"must be a rate limit such as '10 per minute' or '5/second', got {raw!r}") from None
+
+def _rate_limit(raw: str) -> str:
+    if not _RATES.fullmatch(raw):
+        raise ValueError(f"must be a rate limit such as '10 per minute' or '5/second', got {raw!r}")
+    return raw
+
+
+def _stream_name(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9:._-]{1,200}", raw):
+        raise ValueError(f"must be a Redis key name of letters, digits and ':._-', got {raw!r}")
     return raw
 
 
@@ -201,6 +236,9 @@ def _log_level(raw: str) -> str:
     return level
 
 
+COOKIE_TRANSPORT = "cookie"  # BROKER_TOKEN_TRANSPORT's opt-in mode (the default is "body")
+
+
 def _setting(env: str, convert: Callable[[str], T] | None, default: T, *, shown: bool = True) -> T:
     """A Settings field read from the environment variable `env` through `convert` (None: a secret).
 
@@ -223,14 +261,16 @@ class Settings:
     connect_timeout: float = _setting("KEYCLOAK_CONNECT_TIMEOUT", _positive_float, 2.0)
     read_timeout: float = _setting("KEYCLOAK_READ_TIMEOUT", _positive_float, 10.0)
     ca_bundle: str | None = _setting("KEYCLOAK_CA_BUNDLE", _readable_file, None)
+    # Plain http:// to a host that is not this machine sends the client secret and passwords in clear.
+    keycloak_allow_http: bool = _setting("KEYCLOAK_ALLOW_HTTP", _bool, False)
     max_body_bytes: int = _setting("BROKER_MAX_BODY_BYTES", _int_between(256, 1024 * 1024), 16384)
     upstream_retry_after: int = _setting("BROKER_UPSTREAM_RETRY_AFTER", _int_between(1, 3600), 5)
     login_scope: str = _setting("BROKER_LOGIN_SCOPE", _scope, "openid")
     log_level: str = _setting("BROKER_LOG_LEVEL", _log_level, "INFO")
     token_leeway: int = _setting("BROKER_TOKEN_LEEWAY", _int_between(0, 300), 10)
-    token_audiences: frozenset[str] = _setting("BROKER_TOKEN_AUDIENCES", _names, frozenset())
-    token_authorized_parties: frozenset[str] = _setting(
-        "BROKER_TOKEN_AUTHORIZED_PARTIES", _names, frozenset())
+    # None: the broker's own client (KEYCLOAK_CLIENT_ID); "*" accepts any (see accepted_audiences).
+    token_audiences: frozenset[str] | None = _setting("BROKER_TOKEN_AUDIENCES", _names, None)
+    token_authorized_parties: frozenset[str] | None = _setting("BROKER_TOKEN_AUTHORIZED_PARTIES", _names, None)
     jwks_min_refetch_seconds: float = _setting("BROKER_JWKS_MIN_REFETCH_SECONDS", _positive_float, 10.0)
     jwks_max_age_seconds: float = _setting(
         "BROKER_JWKS_MAX_AGE_SECONDS", _seconds_between(10, 86400), 600.0)
@@ -250,6 +290,8 @@ class Settings:
     rate_limit_login: str = _setting("BROKER_RATE_LIMIT_LOGIN", _rate_limit, "10 per minute")
     rate_limit_login_ip: str = _setting("BROKER_RATE_LIMIT_LOGIN_IP", _rate_limit, "60 per minute")
     rate_limit_refresh: str = _setting("BROKER_RATE_LIMIT_REFRESH", _rate_limit, "120 per minute")
+    rate_limit_logout: str = _setting("BROKER_RATE_LIMIT_LOGOUT", _rate_limit, "60 per minute")
+    rate_limit_login_user: str = _setting("BROKER_RATE_LIMIT_LOGIN_USER", _rate_limit, "30 per minute")
     trusted_proxy_hops: int = _setting("BROKER_TRUSTED_PROXY_HOPS", _int_between(0, 10), 0)
     bind: str = _setting("BROKER_BIND", _bind, "127.0.0.1:8000")
     workers: int = _setting("BROKER_WORKERS", _int_between(1, 64), 1)
@@ -263,11 +305,30 @@ class Settings:
         "BROKER_REDIS_RETRY_SECONDS", _seconds_between(0.1, 300), 5.0)
     single_instance: bool = _setting("BROKER_SINGLE_INSTANCE", _bool, False)
     state_dir: str | None = _setting("BROKER_STATE_DIR", _writable_dir, None)
+    # Accounts (docs/api.md, POST /api/auth/register; docs/operations.md, "Audit events").
+    registration: bool = _setting("BROKER_REGISTRATION", _bool, False)
+    registration_email_verified: bool = _setting("BROKER_REGISTRATION_EMAIL_VERIFIED", _bool, False)
+    rate_limit_register: str = _setting("BROKER_RATE_LIMIT_REGISTER", _rate_limit, "10 per hour")
+    ip_binding: str = _setting("BROKER_IP_BINDING", _one_of("off", "address", "prefix"), "off")
+    audit_stream: str | None = _setting("BROKER_AUDIT_REDIS_STREAM", _stream_name, None)
+    audit_stream_maxlen: int = _setting("BROKER_AUDIT_STREAM_MAXLEN", _int_between(100, 10_000_000), 100_000)
+    audit_webhook_url: str | None = _setting("BROKER_AUDIT_WEBHOOK_URL", _url, None, shown=False)
+    audit_queue_size: int = _setting("BROKER_AUDIT_QUEUE_SIZE", _int_between(10, 1_000_000), 10_000)
 
     @property
     def realm_url(self) -> str:
         """The realm's base URL, e.g. http://127.0.0.1:8080/realms/demo."""
         return f"{self.keycloak_url}/realms/{self.keycloak_realm}"
+
+    @property
+    def accepted_audiences(self) -> frozenset[str]:
+        """The `aud` values of which an access token must name one; empty: any audience (BROKER_TOKEN_AUDIENCES=*)."""
+        return _accepted(self.token_audiences, self.client_id)
+
+    @property
+    def accepted_authorized_parties(self) -> frozenset[str]:
+        """The clients (`azp`) whose access tokens are accepted; empty: any (BROKER_TOKEN_AUTHORIZED_PARTIES=*)."""
+        return _accepted(self.token_authorized_parties, self.client_id)
 
     @property
     def tls_verify(self) -> bool | str:
@@ -292,6 +353,7 @@ class Settings:
             values[spec.name] = reader.secret(name) if convert is None else reader.get(name, spec.default, convert)
         settings = cls(**values)
         reader.problems.extend(_promise_problems(settings, env))
+        reader.problems.extend(_security_problems(settings))
         if not settings.cookie_secure and settings.cookie_name.startswith(("__Secure-", "__Host-")):
             reader.problems.append(
                 "BROKER_COOKIE_NAME: a __Secure- or __Host- cookie needs BROKER_COOKIE_SECURE=true "
@@ -300,6 +362,41 @@ class Settings:
         if reader.problems:
             raise ConfigError(reader.problems)
         return settings
+
+
+def _accepted(names: frozenset[str] | None, client_id: str) -> frozenset[str]:
+    if names is None:
+        return frozenset({client_id})
+    return frozenset() if "*" in names else names
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _security_problems(settings: Settings) -> list[str]:
+    """Settings that would weaken a defence of docs/security.md, each naming its variable."""
+    problems = []
+    if urlsplit(settings.keycloak_url).scheme == "http" and not _loopback(settings.keycloak_url) \
+            and not settings.keycloak_allow_http:
+        problems.append(
+            "KEYCLOAK_URL: plain http:// to a host other than this machine sends the client secret and users' "
+            "passwords in clear; use https://, or set KEYCLOAK_ALLOW_HTTP=true for a private network you trust "
+            "(compose's)"
+        )
+    if settings.audit_stream and not settings.redis_url:
+        problems.append("BROKER_AUDIT_REDIS_STREAM needs BROKER_REDIS_URL: the stream lives in that Redis")
+    for name, values in (("BROKER_TOKEN_AUDIENCES", settings.token_audiences),
+                         ("BROKER_TOKEN_AUTHORIZED_PARTIES", settings.token_authorized_parties)):
+        if values is not None and "*" in values and len(values) > 1:
+            problems.append(f"{name}: '*' accepts any value and cannot be combined with names")
+    return problems
 
 
 def _promise_problems(settings: Settings, env: Mapping[str, str]) -> list[str]:

@@ -7,10 +7,12 @@
     │   ├── CsrfFailed                   403   csrf_failed              (cookie mode)
     │   ├── NotFound                     404   not_found
     │   ├── MethodNotAllowed             405   method_not_allowed       (+ Allow)
+    │   ├── RefreshConflict              409   refresh_conflict         (the token is being refreshed with another scope)
     │   ├── PayloadTooLarge              413   payload_too_large
     │   ├── UnsupportedMediaType         415   unsupported_media_type
     │   ├── RateLimited                  429   rate_limited             (+ Retry-After)
     │   └── HttpError                    4xx   the status's name        (any other HTTP error of the framework)
+    │   └── LocationBlocked              401   location_blocked         (BROKER_IP_BINDING: refresh from elsewhere)
     ├── Unauthenticated                         (a bearer route without a usable access token)
     │   ├── AccessTokenRequired          401   access_token_required    (+ WWW-Authenticate)
     │   └── InvalidToken                 401   invalid_token            (+ WWW-Authenticate, X-Token-Expired)
@@ -18,6 +20,9 @@
     │   ├── RefreshRejected              400   invalid_grant            (the refresh token's session is over)
     │   ├── InvalidScope                 400   invalid_scope
     │   ├── LoginRejected                401   invalid_grant            (wrong password, disabled account, ...)
+    │   ├── AccountSetupRequired         401   account_setup_required   (right password, required actions pending)
+    │   ├── UserExists                   409   user_exists              (registration: username or email taken)
+    │   ├── InvalidPassword              400   invalid_password         (registration: the realm's password policy)
     │   └── ClientRejected               502   unauthorized_client      (the broker's own client: an operator problem)
     │       └── InvalidClient            502   invalid_client
     ├── UpstreamFailure                         (no usable answer: try again later, with the same refresh token)
@@ -118,6 +123,14 @@ class MethodNotAllowed(RequestRefused):
     status, error, message = 405, "method_not_allowed", "This method is not allowed on this route"
 
 
+class RefreshConflict(RequestRefused):
+    """The refresh token is being, or was just, refreshed with another scope: this request spent nothing."""
+
+    status = 409
+    error = "refresh_conflict"
+    message = "This refresh token was just refreshed with another scope; use the tokens that refresh returned"
+
+
 class PayloadTooLarge(RequestRefused):
     """A body over BROKER_MAX_BODY_BYTES, declared or streamed."""
 
@@ -139,6 +152,14 @@ class RateLimited(RequestRefused):
 
     def __init__(self, retry_after: int | None = None):
         super().__init__(headers={"Retry-After": str(retry_after)} if retry_after is not None else None)
+
+
+class LocationBlocked(RequestRefused):
+    """BROKER_IP_BINDING: a refresh from another client address (or network) than the session's login."""
+
+    status = 401
+    error = "location_blocked"
+    message = "This session was started from another network; log in again here"
 
 
 class HttpError(RequestRefused):
@@ -201,6 +222,26 @@ class LoginRejected(KeycloakRefused):
     """Keycloak refused a password login: wrong credentials, a disabled or half-set-up account."""
 
     status, error, message = 401, "invalid_grant", "Invalid username or password"
+
+
+class AccountSetupRequired(KeycloakRefused):
+    """The password was right, but Keycloak holds the account back until required actions are done."""
+
+    status = 401
+    error = "account_setup_required"
+    message = "Account is not fully set up; finish setting it up in the account console"
+
+
+class UserExists(KeycloakRefused):
+    """Registration: the username or the email address belongs to an account already (the message says which)."""
+
+    status, error, message = 409, "user_exists", "An account with this username or email already exists"
+
+
+class InvalidPassword(KeycloakRefused):
+    """Registration: the password breaks the realm's password policy (the message says how)."""
+
+    status, error, message = 400, "invalid_password", "The password does not meet the password policy"
 
 
 class ClientRejected(KeycloakRefused):

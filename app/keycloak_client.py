@@ -32,17 +32,21 @@ from app.errors import (
     AnswerLost,
     BrokerError,
     ClientRejected,
+    InvalidPassword,
+    InvalidRequest,
+    UserExists,
     UpstreamBusy,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from app.metrics import KEYCLOAK_LATENCY, keycloak_outcome
-from app.keycloak_errors import DISCOVERY, INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, translate
+from app.keycloak_errors import ADMIN, DISCOVERY, INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, SERVICE, translate
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "token-broker"
+ACCESS_HINT = "access_token"  # RFC 7662 token_type_hint: the name of a kind of token
 
 
 @dataclass(frozen=True, repr=False)
@@ -118,6 +122,8 @@ class KeycloakClient:
         self._slots = threading.BoundedSemaphore(settings.upstream_concurrency)
         self._discovery: dict[str, Any] | None = None
         self._discovery_lock = threading.Lock()
+        self._service_token: tuple[str, float] | None = None  # (access token, monotonic time to renew it)
+        self._service_lock = threading.Lock()
 
     @property
     def discovery_url(self) -> str:
@@ -183,10 +189,95 @@ class KeycloakClient:
         if not isinstance(url, str):
             log.error("Keycloak's discovery document names no introspection_endpoint")
             raise UpstreamError()
-        body = self._token_call(INTROSPECT, url, {"token": token, "token_type_hint": "access_token"})
+        body = self._token_call(INTROSPECT, url, {"token": token, "token_type_hint": ACCESS_HINT})
         if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
             raise UpstreamError()
         return body["active"]
+
+    # --- the admin API, as the broker client's own service account (POST /api/auth/register) -------------------
+
+    def create_user(self, *, username: str, email: str, first_name: str | None, last_name: str | None,
+                    email_verified: bool) -> str:
+        """Create an enabled user without credentials; return its id. Raise UserExists (409) or BrokerError."""
+        representation = {"username": username, "email": email, "enabled": True, "emailVerified": email_verified,
+                          "requiredActions": []}
+        if first_name:
+            representation["firstName"] = first_name
+        if last_name:
+            representation["lastName"] = last_name
+        response = self._admin("POST", "/users", json=representation)
+        if response.status_code == 201 and response.headers.get("Location", "").rstrip("/").rpartition("/")[2]:
+            return response.headers["Location"].rstrip("/").rpartition("/")[2]
+        body = _json(response)
+        text = body.get("errorMessage", "") if isinstance(body, dict) else ""
+        if response.status_code == 409:
+            which = "email address" if "email" in str(text).lower() else "username"
+            raise UserExists(f"An account with this {which} already exists")
+        if response.status_code == 400 and isinstance(text, str) and text:
+            raise InvalidRequest(_admin_sentence(text))
+        raise self._admin_failure("create a user", response)
+
+    def set_password(self, user_id: str, password: str) -> None:
+        """Set a user's password (not temporary); raise InvalidPassword with the policy's reason, or BrokerError."""
+        response = self._admin("PUT", f"/users/{user_id}/reset-password",
+                               json={"type": "password", "value": password, "temporary": False})
+        if response.status_code in (200, 204):
+            return
+        body = _json(response)
+        if response.status_code == 400 and isinstance(body, dict):
+            raise InvalidPassword(_password_sentence(body))
+        raise self._admin_failure("set a password", response)
+
+    def delete_user(self, user_id: str) -> None:
+        """Delete a user (a registration that did not finish); raise BrokerError if Keycloak would not."""
+        response = self._admin("DELETE", f"/users/{user_id}")
+        if response.status_code not in (204, 404):
+            raise self._admin_failure("delete a user", response)
+
+    def pending_actions(self, username: str) -> list[str]:
+        """The required actions Keycloak holds a user back for (empty when it cannot say); never raises."""
+        try:
+            response = self._admin("GET", "/users", params={"username": username, "exact": "true"})
+        except BrokerError:
+            return []
+        users = _json(response)
+        if response.status_code != 200 or not isinstance(users, list) or len(users) != 1 or \
+                not isinstance(users[0], dict):
+            return []
+        actions = users[0].get("requiredActions")
+        return [a for a in actions if isinstance(a, str)] if isinstance(actions, list) else []
+
+    def _admin(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One admin API call with the service account's token (in this call's headers, never on the session)."""
+        url = f"{self.settings.keycloak_url}/admin/realms/{self.settings.keycloak_realm}{path}"
+        headers = {"Authorization": f"Bearer {self._service_access()}"}
+        response = self._send(ADMIN, method, url, headers=headers, **kwargs)
+        if response.status_code == 401:  # the cached token was revoked or expired early: once more, fresh
+            with self._service_lock:
+                self._service_token = None
+            headers = {"Authorization": f"Bearer {self._service_access()}"}
+            response = self._send(ADMIN, method, url, headers=headers, **kwargs)
+        return response
+
+    def _service_access(self) -> str:
+        """The service account's access token (client credentials), kept until 30 s before it expires."""
+        with self._service_lock:
+            cached = self._service_token
+            if cached is not None and cached[1] > time.monotonic():
+                return cached[0]
+            body = self._token_call(SERVICE, self.discovery()["token_endpoint"], {"grant_type": "client_credentials"})
+            tokens = TokenSet.from_response(body)
+            self._service_token = (tokens.access_token, time.monotonic() + max(0, (tokens.expires_in or 60) - 30))
+            return tokens.access_token
+
+    def _admin_failure(self, action: str, response: requests.Response) -> BrokerError:
+        if response.status_code in (401, 403):
+            log.error("Keycloak refused the broker's service account the right to %s (%s); give the client %r a "
+                      "service account with realm-management's manage-users role", action, response.status_code,
+                      self.settings.client_id)
+            return ClientRejected()
+        log.warning("Keycloak's admin API answered %s when asked to %s", response.status_code, action)
+        return UpstreamError()
 
     def _token_call(
         self, operation: str, url: str, form: dict[str, str], timeout: tuple[float, float] | None = None
@@ -299,6 +390,38 @@ def _json(response: requests.Response) -> Any:
         return response.json()
     except ValueError:
         return None
+
+
+# Keycloak's password-policy error keys and the sentence each becomes ({0} is the policy's number, if any).
+_PASSWORD_RULES = {
+    "invalidPasswordMinLengthMessage": "The password must be at least {0} characters long",
+    "invalidPasswordMaxLengthMessage": "The password must be at most {0} characters long",
+    "invalidPasswordMinDigitsMessage": "The password must contain at least {0} digits",
+    "invalidPasswordMinLowerCaseCharsMessage": "The password must contain at least {0} lower-case letters",
+    "invalidPasswordMinUpperCaseCharsMessage": "The password must contain at least {0} upper-case letters",
+    "invalidPasswordMinSpecialCharsMessage": "The password must contain at least {0} special characters",
+    "invalidPasswordNotUsernameMessage": "The password must not be the username",
+    "invalidPasswordNotEmailMessage": "The password must not be the email address",
+    "invalidPasswordHistoryMessage": "The password must not be one of the last {0} passwords",
+    "invalidPasswordBlacklistedMessage": "The password is too common",
+    "invalidPasswordRegexPatternMessage": "The password does not match the required pattern",
+}
+
+
+def _password_sentence(body: dict) -> str:
+    """Keycloak's password-policy refusal in plain words (its key, or its own description as a fallback)."""
+    key, description = body.get("error"), body.get("error_description")
+    description = description if isinstance(description, str) else ""
+    number = next((word.rstrip(".") for word in description.split() if word.rstrip(".").isdigit()), "")
+    if isinstance(key, str) and key in _PASSWORD_RULES:
+        return _PASSWORD_RULES[key].format(number)
+    return _admin_sentence(description) if description else InvalidPassword.message
+
+
+def _admin_sentence(text: str) -> str:
+    """An admin API message as one sentence: "Invalid password: minimum length 10." → that, tidied."""
+    text = text.strip().rstrip(".")
+    return (text[:1].upper() + text[1:])[:200] if text else "The request was refused"
 
 
 def _short(text: Any, limit: int = 200) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from app.errors import (
+    AccountSetupRequired,
     BrokerError,
     ClientRejected,
     InvalidClient,
@@ -29,7 +30,9 @@ LOGOUT = "logout"
 INTROSPECT = "introspect"
 KEYS = "keys"
 DISCOVERY = "discovery"
-OPERATIONS = (LOGIN, REFRESH, LOGOUT, INTROSPECT)
+SERVICE = "service"  # the client-credentials grant of the broker's own service account (registration)
+ADMIN = "admin"  # calls to the realm's admin API as that service account
+OPERATIONS = (LOGIN, REFRESH, LOGOUT, INTROSPECT, SERVICE)
 
 ANY = None  # matches any error_description
 
@@ -77,8 +80,7 @@ RULES: tuple[Rule, ...] = (
          "disabled user with the right password (a wrong one gets `Invalid user credentials`)"),
     Rule((LOGIN,), "invalid_grant", "Account temporarily disabled", _login("Account is temporarily locked"),
          "not sent by Keycloak 26.7, whose lockout answers `Invalid user credentials`; kept for other releases"),
-    Rule((LOGIN,), "invalid_grant", "Account is not fully set up",
-         _login("Account is not fully set up; finish setting it up in the account console"),
+    Rule((LOGIN,), "invalid_grant", "Account is not fully set up", AccountSetupRequired,
          "a pending required action, or a missing email, first or last name"),
     Rule((LOGIN,), "invalid_grant", ANY, _login("Login was refused"), "any other refusal of a password login"),
     Rule((LOGIN, REFRESH), "invalid_scope", ANY, InvalidScope, "a scope the client may not have"),

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from app.refresh_coalescing import SHARE_BRIEFLY_SECONDS, FlightKey, Outcome, keeps, seal, unseal
+from app.refresh_coalescing import SHARE_BRIEFLY_SECONDS, FlightKey, Stored, keeps, seal, unseal
 from app.shared_store import SharedStoreBusy, SharedStoreDown
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,10 @@ class LocalOutcomes:
 
     release_forced = release
 
-    def store(self, key: FlightKey, outcome: Outcome, grace: float, *, force: bool = False) -> None:
+    def store(self, key: FlightKey, stored: Stored, grace: float, *, force: bool = False) -> None:
         """Keep a sealed outcome for `grace` seconds (briefly, when it is not one to keep)."""
-        ttl = grace if keeps(outcome) else min(grace, SHARE_BRIEFLY_SECONDS)
-        blob = seal(key, outcome)
+        ttl = grace if keeps(stored.outcome) else min(grace, SHARE_BRIEFLY_SECONDS)
+        blob = seal(key, stored)
 
         def work(db: sqlite3.Connection) -> None:
             now = self.clock()
@@ -175,7 +175,7 @@ class LocalOutcomes:
 
         self._run(work)
 
-    def load(self, key: FlightKey) -> Outcome | None:
+    def load(self, key: FlightKey) -> Stored | None:
         """The outcome stored for this refresh, or None."""
         row = self._run(lambda db: db.execute("SELECT blob FROM outcomes WHERE name = ? AND expires > ?",
                                               (key.name, self.clock())).fetchone())

@@ -78,7 +78,7 @@ class RepeatFilter(logging.Filter):
 
 # Loggers whose lines repeat once per request while a dependency is out: one line per interval is enough.
 # (app.shared_store logs Redis outages once per outage by itself, through its circuit breaker.)
-OUTAGE_LOGGERS = ("app.keycloak_client", "app.refresh_coalescing", "flask-limiter")
+OUTAGE_LOGGERS = ("app.keycloak_client", "app.refresh_coalescing", "flask-limiter", "app.audit.delivery")
 
 
 def throttle_outage_logs(interval: float = 10.0) -> None:

@@ -30,7 +30,8 @@ KEYCLOAK_LATENCY = Histogram(
 REFRESHES = Counter(
     "broker_refreshes",
     "Refresh requests by how they were served: upstream (a Keycloak grant) or coalesced; caller_gave_up counts "
-    "callers that stopped waiting while their refresh went on",
+    "callers that stopped waiting while their refresh went on; other_client counts a token presented again, after "
+    "its refresh landed, by another client (sent to Keycloak, which sees the reuse)",
     ["kind"],
 )
 KEY_FETCHES = Counter("broker_jwks_fetches", "Fetches of the realm's signing keys, by outcome", ["outcome"])
@@ -39,6 +40,22 @@ TOKEN_VALIDATIONS = Counter(
     "broker_token_validations", "Bearer tokens checked on /me and /verify, by outcome (valid, invalid, expired)",
     ["outcome"],
 )
+AUDIT_EVENTS = Counter("broker_audit_events", "Audit events emitted, by event and outcome", ["event", "outcome"])
+AUDIT_DROPPED = Counter(
+    "broker_audit_dropped",
+    "Audit events a sink could not take (queue full) or could not deliver, by sink and cause",
+    ["sink", "cause"],
+)
+
+
+# gunicorn accepts any upper-case token of 3 to 20 letters as a method: label only these, the rest as "other",
+# so a client cannot create metric series (and memory, and a slower /metrics) at will.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The request method as a metric label: one of METHODS, or "other"."""
+    return method if method in METHODS else "other"
 
 
 def keycloak_outcome(status: int | None, failure: str | None = None) -> str:

@@ -3,11 +3,15 @@
 With refresh-token rotation, Keycloak treats a second use of a refresh token as theft and ends the
 session. Browsers send such second uses all the time (two tabs, retrying interceptors, parallel requests
 that all saw a 401). `RefreshCoalescer` makes them harmless: every refresh presenting the same refresh
-token and scope within a short window gets the result of exactly one Keycloak call.
+token within a short window gets the result of exactly one Keycloak call. Flights are keyed by the token
+alone: the same token asked with another scope while its refresh flies, or after it brought new tokens, is
+a 409 RefreshConflict that spends nothing (a second grant would be a reuse).
 
 - In a process: single-flight. The first caller starts a flight (the Keycloak call runs in a task of its
-  own); callers arriving while it is in the air join it; callers arriving within `grace` seconds after it
-  landed get its outcome from a memo.
+  own); callers arriving while it is in the air join it, whoever they are; callers arriving within `grace`
+  seconds after it landed get its outcome from a memo only if they are the same client (the fingerprint of
+  app.web.rate_limits: address and User-Agent). Another client presenting the spent token then is sent to
+  Keycloak, which sees the reuse, as it would without a broker: a thief's replay gets nothing.
 - No lost answers: a caller waits at most `wait` seconds, but the flight goes on until Keycloak answers
   (bounded by the client's own answer limit), and its outcome is kept for `grace` seconds from then. A
   caller that gave up (504) or whose connection dropped gets the new tokens when it retries the same token.
@@ -21,8 +25,9 @@ token and scope within a short window gets the result of exactly one Keycloak ca
   refreshes the spent token meanwhile.
 
 Only outcomes that say what became of the token are kept for the grace window: new tokens, and Keycloak's
-refusals. A failure that leaves the token's fate unknown or untouched (Keycloak unreachable, a lost answer,
-a 5xx) is shared with the callers already waiting, then forgotten, so the next retry asks Keycloak again.
+refusals of the token. A failure that leaves the token's fate unknown or untouched (Keycloak unreachable, a
+lost answer, a 5xx, a scope the client may not have) is shared with the callers already waiting, then
+forgotten, so the next retry asks Keycloak again.
 
 Nothing stored is useful to someone who can read Redis or a memory dump of it: entries are named by a
 keyed hash of the token, and the outcome is encrypted with AES-GCM under a key derived (HKDF) from the
@@ -46,7 +51,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from app.errors import AnswerKept, AnswerLost, BrokerError, CoordinationUnavailable, UpstreamError, UpstreamTimeout
+from app.errors import (
+    AnswerKept,
+    AnswerLost,
+    BrokerError,
+    CoordinationUnavailable,
+    RefreshConflict,
+    RefreshRejected,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from app.keycloak_client import TokenSet
 from app.metrics import REFRESHES
 from app.shared_store import SharedStore, SharedStoreBusy, SharedStoreDown
@@ -65,47 +79,70 @@ class FlightKey:
     secret: bytes
 
     @classmethod
-    def of(cls, refresh_token: str, scope: str | None) -> "FlightKey":
-        material = f"{refresh_token}\x00{scope or ''}".encode()
+    def of(cls, refresh_token: str) -> "FlightKey":
+        # The token alone: two scopes asked at once for one token must meet, not spend it twice. (The trailing
+        # NUL keeps the names of earlier releases, which added the scope there, for refreshes without one.)
+        material = f"{refresh_token}\x00".encode()
         name = hashlib.sha256(b"token-broker/refresh-coalescing/name\x00" + material).hexdigest()
         secret = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"token-broker/refresh-coalescing",
                       info=b"outcome-key").derive(material)
         return cls(name, secret)
 
 
-def seal(key: FlightKey, outcome: Outcome) -> bytes:
+@dataclass(frozen=True)
+class Stored:
+    """A refresh's outcome as processes share it, with the scope it was asked for and the client that asked.
+
+    `client` is an opaque fingerprint of the caller (app.web.rate_limits.client_fingerprint); None means any
+    client (an outcome stored by an earlier release, which did not record it).
+    """
+
+    outcome: Outcome
+    scope: str | None = None
+    client: str | None = None
+
+    def for_client(self, client: str) -> bool:
+        """Whether a caller arriving after the refresh landed may be given this outcome (see `keeps`)."""
+        return self.client is None or self.client == client
+
+
+def seal(key: FlightKey, stored: Stored) -> bytes:
     """Serialise and encrypt an outcome so that only holders of the refresh token can open it."""
+    outcome = stored.outcome
     if isinstance(outcome, TokenSet):
         payload = {"tokens": asdict(outcome)}
     else:
         payload = {"error": outcome.parts()}
+    payload.update(scope=stored.scope, client=stored.client)
     nonce = os.urandom(12)
     return nonce + AESGCM(key.secret).encrypt(nonce, json.dumps(payload).encode(), key.name.encode())
 
 
-def unseal(key: FlightKey, blob: bytes) -> Outcome:
+def unseal(key: FlightKey, blob: bytes) -> Stored:
     """Decrypt a sealed outcome; raise ValueError when it was not sealed for this token."""
     try:
         payload = json.loads(AESGCM(key.secret).decrypt(blob[:12], blob[12:], key.name.encode()))
     except (InvalidTag, ValueError) as exc:
         raise ValueError("sealed outcome does not open with this token") from exc
-    if "tokens" in payload:
-        return TokenSet(**payload["tokens"])
-    return BrokerError.restore(**payload["error"])
+    outcome = TokenSet(**payload["tokens"]) if "tokens" in payload else BrokerError.restore(**payload["error"])
+    return Stored(outcome, payload.get("scope"), payload.get("client"))
 
 
 class _Flight:
     """One refresh in the air in this process: its outcome, once known, and when it stops being shared."""
 
-    def __init__(self) -> None:
+    def __init__(self, scope: str | None, client: str) -> None:
+        self.scope = scope
+        self.client = client
         self.done = threading.Event()
         self.outcome: Outcome | None = None
         self.expires = float("inf")
 
 
 def keeps(outcome: Outcome) -> bool:
-    """Whether an outcome says what became of the token (new tokens or a refusal), so retries may reuse it."""
-    return isinstance(outcome, TokenSet) or outcome.status < 500
+    """Whether an outcome says what became of the token (new tokens, or Keycloak refused the token itself), so
+    retries may reuse it. Anything else (a scope the client may not have, a fault) spent nothing: ask again."""
+    return isinstance(outcome, (TokenSet, RefreshRejected))
 
 
 # How long an outcome that is not kept stays in Redis: long enough for waiting processes to read it.
@@ -140,9 +177,9 @@ class RedisOutcomes:
             1, f"{self.PREFIX}lock:{key.name}", owner,
         ))
 
-    def store(self, key: FlightKey, outcome: Outcome, grace: float, *, force: bool = False) -> None:
-        ttl = grace if keeps(outcome) else min(grace, SHARE_BRIEFLY_SECONDS)
-        blob = seal(key, outcome)
+    def store(self, key: FlightKey, stored: Stored, grace: float, *, force: bool = False) -> None:
+        ttl = grace if keeps(stored.outcome) else min(grace, SHARE_BRIEFLY_SECONDS)
+        blob = seal(key, stored)
         self.store_.call(lambda r: r.set(f"{self.PREFIX}outcome:{key.name}", blob, px=max(1, int(ttl * 1000))),
                          force=force)
 
@@ -153,7 +190,7 @@ class RedisOutcomes:
             1, f"{self.PREFIX}lock:{key.name}", owner,
         ), force=True)
 
-    def load(self, key: FlightKey) -> Outcome | None:
+    def load(self, key: FlightKey) -> Stored | None:
         blob = self.store_.call(lambda r: r.get(f"{self.PREFIX}outcome:{key.name}"))
         return unseal(key, blob) if blob is not None else None
 
@@ -188,24 +225,37 @@ class RefreshCoalescer:
         self._in_air = 0
         self._landed = threading.Condition(self._lock)
 
-    def refresh(self, refresh_token: str, scope: str | None = None) -> TokenSet:
+    def refresh(self, refresh_token: str, scope: str | None = None, client: str = "") -> TokenSet:
         """The outcome of refreshing `refresh_token`: a TokenSet, or the BrokerError every caller shares.
 
+        `client` fingerprints the caller: a refresh that is still in the air is shared with anyone presenting
+        the token, but once it has landed its kept outcome goes only to the same client; another one is sent
+        to Keycloak, which then sees the reuse (a replayed, stolen token ends the session, as without a broker).
         Raises AnswerKept when the flight is still in the air after `wait` seconds; it goes on, and a
-        retry with the same token joins it or gets its outcome.
+        retry with the same token joins it or gets its outcome. Raises RefreshConflict when the token is
+        being (or was just) refreshed with another scope: nothing is spent then.
         """
-        key = FlightKey.of(refresh_token, scope)
+        key = FlightKey.of(refresh_token)
         with self._lock:
             self._forget_expired()
             flight = self._flights.get(key.name)
             leader = flight is None
+            landed = None
             if leader:
-                flight = self._flights[key.name] = _Flight()
+                flight = self._flights[key.name] = _Flight(scope, client)
                 self._in_air += 1
+            elif flight.done.is_set() and (flight.scope != scope or flight.client != client):
+                landed = flight  # asked again with another scope, or by another client: no honest duplicate
+            elif flight.scope != scope:
+                raise RefreshConflict()  # in the air with another scope: whatever it brings spends the token
+        if landed is not None:
+            if landed.scope != scope:
+                return _deliver(self._for_other_scope(landed.outcome, refresh_token, scope))
+            return _deliver(self._for_other_client(refresh_token, scope))
         if leader:
             # The flight runs on its own, so it survives its caller giving up or disconnecting.
             try:
-                threading.Thread(target=self._fly, args=(flight, key, refresh_token, scope),
+                threading.Thread(target=self._fly, args=(flight, key, refresh_token, scope, client),
                                  name="refresh-flight", daemon=True).start()
             except BaseException:
                 self._land(flight, key, UpstreamError())  # no stranded waiters, no flight left in the air
@@ -228,9 +278,9 @@ class RefreshCoalescer:
                 self._landed.wait(left)
         return True
 
-    def _fly(self, flight: _Flight, key: FlightKey, refresh_token: str, scope: str | None) -> None:
+    def _fly(self, flight: _Flight, key: FlightKey, refresh_token: str, scope: str | None, client: str) -> None:
         try:
-            outcome = self._lead(key, refresh_token, scope)
+            outcome = self._lead(key, refresh_token, scope, client)
         except BrokerError as exc:
             outcome = exc
         except BaseException:  # a bug: the waiting callers get a 502, later refreshes are not stuck behind it
@@ -249,11 +299,11 @@ class RefreshCoalescer:
             self._landed.notify_all()
         flight.done.set()
 
-    def _lead(self, key: FlightKey, refresh_token: str, scope: str | None) -> Outcome:
+    def _lead(self, key: FlightKey, refresh_token: str, scope: str | None, client: str) -> Outcome:
         if self._shared is None:
             return self._call(refresh_token, scope)
         try:
-            return self._lead_across_processes(key, refresh_token, scope)
+            return self._lead_across_processes(key, refresh_token, scope, client)
         except SharedStoreDown as exc:
             # Nothing was sent to Keycloak yet (the store fails before a claim, or while the lock is ours).
             # A busy store means another live process is coordinating through it: never go it alone then.
@@ -269,90 +319,120 @@ class RefreshCoalescer:
         except BrokerError as exc:
             return exc
 
-    def _lead_across_processes(self, key: FlightKey, refresh_token: str, scope: str | None) -> Outcome:
+    def _lead_across_processes(self, key: FlightKey, refresh_token: str, scope: str | None, client: str) -> Outcome:
         shared = self._shared
         if self._prepare is not None:
             self._prepare()  # e.g. fetch the discovery document now, so it does not eat into the lease
         owner = os.urandom(16).hex()
         stored = self._load(key, kept_only=True)
         if stored is not None:
-            REFRESHES.labels("coalesced").inc()
-            return stored
+            return self._landed_elsewhere(stored, refresh_token, scope, client)
         try:
             claimed = shared.claim(key, owner)
         except SharedStoreDown:
             _quietly(shared.release, key, owner)  # the claim may have been applied with its reply lost
             raise
         if claimed:
-            return self._grant_and_share(key, owner, refresh_token, scope)
+            return self._grant_and_share(key, owner, refresh_token, scope, client)
         try:
-            return self._wait_for_other_process(key)
+            return self._wait_for_other_process(key, refresh_token, scope)
         except SharedStoreDown:
             # Another process holds the lead and may be spending the token: refreshing here could be a reuse.
             log.warning("Redis failed while waiting for another process's refresh of the same token")
             return CoordinationUnavailable()
 
-    def _wait_for_other_process(self, key: FlightKey) -> Outcome:
+    def _for_other_scope(self, outcome: Outcome, refresh_token: str, scope: str | None) -> Outcome:
+        """The answer to a refresh whose token already has an outcome, for another scope."""
+        if isinstance(outcome, TokenSet):
+            return RefreshConflict()  # the token is spent: asking Keycloak again would be a reuse
+        if isinstance(outcome, RefreshRejected):
+            return outcome  # the token is dead whatever the scope
+        return self._call(refresh_token, scope)  # nothing was spent (that scope was not allowed, say)
+
+    def _for_other_client(self, refresh_token: str, scope: str | None) -> Outcome:
+        """A landed refresh asked again by another client: Keycloak answers it (and sees a reuse, if it is one)."""
+        REFRESHES.labels("other_client").inc()
+        try:
+            return self._refresh(refresh_token, scope)
+        except BrokerError as exc:
+            return exc
+
+    def _landed_elsewhere(self, stored: Stored, refresh_token: str, scope: str | None, client: str) -> Outcome:
+        """A kept outcome another process stored before this flight began: a late duplicate's answer."""
+        if stored.scope != scope:
+            return self._for_other_scope(stored.outcome, refresh_token, scope)
+        if not stored.for_client(client):
+            return self._for_other_client(refresh_token, scope)
+        REFRESHES.labels("coalesced").inc()
+        return stored.outcome
+
+    def _joined(self, stored: Stored, refresh_token: str, scope: str | None) -> Outcome:
+        """The outcome of another process's flight that was in the air with ours: shared with any client."""
+        if stored.scope != scope:
+            return self._for_other_scope(stored.outcome, refresh_token, scope)
+        REFRESHES.labels("coalesced").inc()
+        return stored.outcome
+
+    def _wait_for_other_process(self, key: FlightKey, refresh_token: str, scope: str | None) -> Outcome:
         shared = self._shared
         deadline = self._clock() + shared.lease + 1.0
         while True:
             time.sleep(shared.poll_interval)
             stored = self._load(key)
             if stored is not None:
-                REFRESHES.labels("coalesced").inc()
-                return stored
+                return self._joined(stored, refresh_token, scope)
             if not shared.locked(key):
                 # The other leader is gone without sharing an outcome (it crashed, or Redis failed under it).
                 # It may have spent the token: refreshing it again here could be a reuse that ends the session.
                 stored = self._load(key)
                 if stored is not None:
-                    REFRESHES.labels("coalesced").inc()
-                    return stored
+                    return self._joined(stored, refresh_token, scope)
                 log.warning("another process's refresh of the same token ended without an outcome")
                 return AnswerLost()
             if self._clock() > deadline:
                 log.warning("gave up waiting for another process's refresh of the same token")
                 return UpstreamTimeout()
 
-    def _grant_and_share(self, key: FlightKey, owner: str, refresh_token: str, scope: str | None) -> Outcome:
+    def _grant_and_share(self, key: FlightKey, owner: str, refresh_token: str, scope: str | None,
+                         client: str) -> Outcome:
         """As the cross-process leader: one Keycloak call, its outcome stored, then the lock released."""
         shared = self._shared
         stored = self._load(key, kept_only=True)  # another process may have finished between our look and claim
         if stored is not None:
             _quietly(shared.release, key, owner)
-            REFRESHES.labels("coalesced").inc()
-            return stored
+            return self._landed_elsewhere(stored, refresh_token, scope, client)
         outcome = self._call(refresh_token, scope)
+        sealed = Stored(outcome, scope, client)
         # From here on the token may be spent: a Redis failure must not make anyone refresh it again.
         try:
-            shared.store(key, outcome, self._grace)
+            shared.store(key, sealed, self._grace)
         except SharedStoreDown:
             # Keep the lock, so nobody else refreshes, and keep trying to share the outcome in the background:
             # the other processes' callers of this token are waiting for it.
             log.warning("could not share a refresh outcome through Redis; retrying for the grace window")
             with self._lock:
                 self._in_air += 1  # drain() waits for it too
-            threading.Thread(target=self._share_later, args=(key, owner, outcome), name="refresh-share",
+            threading.Thread(target=self._share_later, args=(key, owner, sealed), name="refresh-share",
                              daemon=True).start()
             return outcome
         _quietly(shared.release, key, owner)
         return outcome
 
-    def _share_later(self, key: FlightKey, owner: str, outcome: Outcome) -> None:
+    def _share_later(self, key: FlightKey, owner: str, sealed: Stored) -> None:
         """Store an outcome that could not be stored at once, trying past the breaker until the grace window ends."""
         try:
-            self._keep_sharing(key, owner, outcome)
+            self._keep_sharing(key, owner, sealed)
         finally:
             with self._lock:
                 self._in_air -= 1
                 self._landed.notify_all()
 
-    def _keep_sharing(self, key: FlightKey, owner: str, outcome: Outcome) -> None:
+    def _keep_sharing(self, key: FlightKey, owner: str, sealed: Stored) -> None:
         deadline = self._clock() + self._grace
         while self._clock() < deadline:
             time.sleep(SHARE_RETRY_SECONDS)
             try:
-                self._shared.store(key, outcome, max(0.001, deadline - self._clock()), force=True)
+                self._shared.store(key, sealed, max(0.001, deadline - self._clock()), force=True)
             except SharedStoreDown:
                 continue
             try:
@@ -362,7 +442,7 @@ class RefreshCoalescer:
             return
         log.warning("a refresh outcome could not be shared through Redis within the grace window")
 
-    def _load(self, key: FlightKey, *, kept_only: bool = False) -> Outcome | None:
+    def _load(self, key: FlightKey, *, kept_only: bool = False) -> Stored | None:
         """The stored outcome; with `kept_only`, only one that tells the token's fate (a new flight must not
         take up a fault that was shared briefly for the callers who were waiting for it)."""
         try:
@@ -370,7 +450,7 @@ class RefreshCoalescer:
         except ValueError:
             log.warning("a stored refresh outcome did not open with its token; ignoring it")
             return None
-        if stored is not None and kept_only and not keeps(stored):
+        if stored is not None and kept_only and not keeps(stored.outcome):
             return None
         return stored
 
@@ -393,7 +473,7 @@ class UncoalescedRefresh:
     def __init__(self, refresh: Refresh):
         self._refresh = refresh
 
-    def refresh(self, refresh_token: str, scope: str | None = None) -> TokenSet:
+    def refresh(self, refresh_token: str, scope: str | None = None, client: str = "") -> TokenSet:
         REFRESHES.labels("upstream").inc()
         return self._refresh(refresh_token, scope)
 

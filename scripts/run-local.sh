@@ -13,6 +13,8 @@ if [[ -z "${KEYCLOAK_CLIENT_SECRET:-}" && -z "${KEYCLOAK_CLIENT_SECRET_FILE:-}" 
   export KEYCLOAK_CLIENT_SECRET="token-broker-local-secret"
 fi
 export BROKER_BIND="${BROKER_BIND:-127.0.0.1:8000}"
+# The local setup lets people sign up (POST /api/auth/register); the broker's default is off.
+export BROKER_REGISTRATION="${BROKER_REGISTRATION:-true}"
 
 if scripts/keycloak.sh status; then
   echo "run-local.sh: a Keycloak is already running on $KEYCLOAK_URL; using it (and leaving it running)" >&2

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from flask import Response, after_this_request, request
 
-from app.config import Settings
-from app.errors import CsrfFailed, RefreshRejected
+from app.config import COOKIE_TRANSPORT, Settings
+from app.errors import CsrfFailed, InvalidRequest, RefreshRejected
 from app.keycloak_client import TokenSet
 from app.web.context import broker
 from app.web.errors import failure
@@ -30,7 +30,7 @@ def _settings() -> Settings:
 
 def cookie_mode() -> bool:
     """True when the refresh token travels in a cookie."""
-    return _settings().token_transport == "cookie"
+    return _settings().token_transport == COOKIE_TRANSPORT
 
 
 def require_csrf_proof() -> None:
@@ -39,15 +39,28 @@ def require_csrf_proof() -> None:
     if not request.headers.get(settings.csrf_header, "").strip():
         raise CsrfFailed()
     origin = request.headers.get("Origin")
-    if origin is not None and origin not in settings.cors_origins and urlsplit(origin).netloc != request.host:
+    if origin is not None and origin.lower() not in settings.cors_origins and _netloc(origin) != request.host:
         raise CsrfFailed()
+
+
+def _netloc(origin: str) -> str | None:
+    """The host[:port] of an Origin header, or None when it is not a URL at all (`http://[`, say)."""
+    try:
+        return urlsplit(origin).netloc
+    except ValueError:
+        return None
 
 
 def refresh_token_from(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The body, with refresh_token taken from the cookie when the body has none; and whether it came from there."""
     if not cookie_mode() or data.get("refresh_token") not in (None, ""):
         return data, False
-    cookie = request.cookies.get(_settings().cookie_name, "")
+    cookies = request.cookies.getlist(_settings().cookie_name)
+    if len(cookies) > 1:
+        # Another site on a parent domain (or a script) can plant a second cookie of the same name; which one is
+        # the user's cannot be told, so neither is used, and neither is cleared.
+        raise InvalidRequest("The request carries more than one refresh cookie; clear this site's cookies")
+    cookie = cookies[0] if cookies else ""
     if not cookie.strip():
         return data, False
     return {**data, "refresh_token": cookie}, True

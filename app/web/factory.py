@@ -7,7 +7,7 @@ import logging
 from flask import Flask
 
 from app.broker import Broker
-from app.config import Settings
+from app.config import COOKIE_TRANSPORT, Settings
 from app.keycloak_client import KeycloakClient
 from app.logs import throttle_outage_logs
 from app.web import hooks, openapi, rate_limits
@@ -32,9 +32,10 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
     for blueprint in (auth.bp, tokens.bp, health.bp, openapi.bp):
         app.register_blueprint(blueprint)
     register_error_handler(app)
+    openapi.build_spec(parts.version)  # built (and kept) now, so a broken document stops the start, not a request
     hooks.install(app)
     rate_limits.install(app, settings)  # after the hooks: a refused request still has its id and start time
     hooks.install_cross_origin(app, settings)
-    if settings.token_transport == "cookie" and not settings.cookie_secure:
+    if settings.token_transport == COOKIE_TRANSPORT and not settings.cookie_secure:
         log.warning("BROKER_COOKIE_SECURE=false: the refresh cookie is sent over plain HTTP; local runs only")
     return app

@@ -15,8 +15,10 @@ from flask_cors import CORS
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings
-from app.metrics import ERRORS, HTTP_LATENCY, HTTP_REQUESTS
+from app.metrics import ERRORS, HTTP_LATENCY, HTTP_REQUESTS, method_label
+from app.web import audit_trail
 from app.web.errors import failure
+from app.web.openapi import DOCS_POLICY
 from app.web.request_body import check_body_size
 
 access_log = logging.getLogger("app.access")
@@ -31,9 +33,18 @@ def start_request() -> None:
     check_body_size()
 
 
+# JSON answers load nothing and are never framed; /api/docs (Swagger UI) gets the policy it needs.
+JSON_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+
+
 def finish_response(response: Response) -> Response:
-    """Echo the request id, forbid caching of /api/auth/* answers, write the access line, count the request."""
+    """Echo the request id, set the security headers, forbid caching of /api/auth/*, write the access line, count."""
     response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Frame-Options"] = "DENY"
+    docs = request.path == "/api/docs" or request.path.startswith("/api/docs/")
+    response.headers["Content-Security-Policy"] = DOCS_POLICY if docs else JSON_POLICY
     if request.path.startswith("/api/auth/"):
         # RFC 6749 section 5.1: token responses, and errors of token endpoints, are never cached.
         response.headers["Cache-Control"] = "no-store"
@@ -54,11 +65,12 @@ def finish_response(response: Response) -> Response:
             "error": error.error if error is not None else None,
         },
     )
-    HTTP_REQUESTS.labels(route or "unmatched", request.method, str(response.status_code)).inc()
+    HTTP_REQUESTS.labels(route or "unmatched", method_label(request.method), str(response.status_code)).inc()
     if elapsed is not None:
         HTTP_LATENCY.labels(route or "unmatched").observe(elapsed)
     if error is not None:
         ERRORS.labels(error.error).inc()
+    audit_trail.record(response)
     return response
 
 
@@ -73,7 +85,10 @@ def install_cross_origin(app: Flask, settings: Settings) -> None:
     if settings.cors_origins:
         CORS(
             app,
-            resources={r"/api/*": {"origins": sorted(settings.cors_origins)}},
+            # Exact matches only: a plain string with pattern characters (an IPv6 literal's brackets) would be
+            # read by flask-cors as an unanchored regular expression.
+            resources={r"/api/*": {"origins": [re.compile(rf"{re.escape(o)}\Z", re.IGNORECASE)
+                                               for o in sorted(settings.cors_origins)]}},
             supports_credentials=True,  # only ever for the listed origins: "*" is refused by the settings
             allow_headers=["Content-Type", "Authorization", "X-Request-ID", settings.csrf_header],
             expose_headers=["X-Request-ID", "X-Token-Expired", "Retry-After", "WWW-Authenticate"],

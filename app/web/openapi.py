@@ -10,6 +10,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Response, jsonify, send_from_directory
 from swagger_ui_bundle import swagger_ui_path
 
+from app.errors import NotFound
 from app.web import schemas
 from app.web.context import broker
 
@@ -90,7 +91,20 @@ def _operations() -> dict[str, dict[str, Any]]:
             "responses": {
                 "200": _ok("Logged in", "TokenResponse", NO_STORE),
                 "400": _error("Bad body (invalid_request) or scope (invalid_scope)", NO_STORE),
-                "401": _error("Keycloak refused the login (invalid_grant)", NO_STORE),
+                "401": _error("Keycloak refused the login (invalid_grant), or the password was right but the account "
+                              "has pending required actions (account_setup_required)", NO_STORE),
+                **CSRF, **BODY_ERRORS, **LIMITED, **UPSTREAM,
+            },
+        }},
+        "/api/auth/register": {"post": {
+            "summary": "Create an account and log it in (BROKER_REGISTRATION; 404 while off)",
+            "requestBody": _body("RegisterRequest"),
+            "responses": {
+                "201": _ok("Registered and logged in", "RegisterResponse", NO_STORE),
+                "400": _error("Bad body or email (invalid_request), or a password the realm's policy refuses "
+                              "(invalid_password)", NO_STORE),
+                "404": _error("Registration is off (not_found)", NO_STORE),
+                "409": _error("The username or email is taken (user_exists)", NO_STORE),
                 **CSRF, **BODY_ERRORS, **LIMITED, **UPSTREAM,
             },
         }},
@@ -100,6 +114,10 @@ def _operations() -> dict[str, dict[str, Any]]:
             "responses": {
                 "200": _ok("Refreshed", "TokenResponse", NO_STORE),
                 "400": _error("refresh_token_required, invalid_request, invalid_grant or invalid_scope", NO_STORE),
+                "401": _error("BROKER_IP_BINDING: the session logged in from another network (location_blocked)",
+                              NO_STORE),
+                "409": _error("refresh_conflict: the token was just refreshed with another scope; nothing was spent",
+                              NO_STORE),
                 **CSRF, **BODY_ERRORS, **LIMITED, **UPSTREAM,
             },
         }},
@@ -109,7 +127,7 @@ def _operations() -> dict[str, dict[str, Any]]:
             "responses": {
                 "200": _ok("Logged out, or the session had already ended", "MessageResponse", NO_STORE),
                 "400": _error("refresh_token_required, invalid_request or invalid_grant", NO_STORE),
-                **CSRF, **BODY_ERRORS, **UPSTREAM,
+                **CSRF, **BODY_ERRORS, **LIMITED, **UPSTREAM,
             },
         }},
         "/api/auth/me": {"get": {
@@ -147,7 +165,8 @@ def build_spec(version: str) -> dict[str, Any]:
                              '{"error": code, "message": sentence}; see docs/errors.md.'},
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
-    for name in ("LoginRequest", "RefreshRequest", "LogoutRequest", "TokenResponse", "MessageResponse",
+    for name in ("LoginRequest", "RegisterRequest", "RefreshRequest", "LogoutRequest", "TokenResponse",
+                 "RegisterResponse", "MessageResponse",
                  "MeResponse", "ErrorResponse", "HealthResponse", "ReadyResponse"):
         spec.components.schema(name, schema=getattr(schemas, name))
     for path, operations in _operations().items():
@@ -186,6 +205,17 @@ def docs_init() -> Response:
     return Response(_DOCS_INIT, content_type="text/javascript; charset=utf-8")
 
 
+# What /api/docs loads, and nothing else of the package's folder (its stock index.html and initializer load a
+# third-party demo document).
+DOCS_FILES = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png"})
+# Swagger UI sets inline styles and shows data: images; everything else comes from the broker itself.
+DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
 @bp.get("/docs/static/<path:filename>")
 def docs_static(filename: str) -> Response:
+    """One of DOCS_FILES from the swagger-ui-bundle package; 404 for any other name."""
+    if filename not in DOCS_FILES:
+        raise NotFound()
     return send_from_directory(swagger_ui_path, filename, max_age=3600)

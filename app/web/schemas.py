@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, validate
 
-from app.errors import BrokerError, InvalidRequest, RefreshTokenRequired
+from app.errors import BrokerError, InvalidRequest, RefreshRejected, RefreshTokenRequired
+
+# Keycloak 26 drops a form field longer than 4,000 characters and then answers "No refresh token"; its own
+# refresh tokens are under 1,000. A longer one cannot be a refresh token of the realm: invalid_grant.
+REFRESH_TOKEN_MAX = 4000
 
 
 class _Text(fields.String):
-    """A string field that knows its too-long message, the one failure that is never "missing"."""
+    """A string field that knows its too-long message, the one failure that is never "missing", and the error
+    a too-long value gets (InvalidRequest with that sentence, unless the field names another)."""
 
-    def __init__(self, *, too_long: str, **kwargs: Any):
+    def __init__(self, *, too_long: str, too_long_error: type[BrokerError] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.too_long = too_long
+        self.too_long_error = too_long_error
 
 
-def _text(name: str, *, required: bool, max_length: int) -> _Text:
+def _text(name: str, *, required: bool, max_length: int, too_long_error: type[BrokerError] | None = None,
+          extra: list | None = None) -> _Text:
     """A string field whose every failure reads as one plain sentence naming the field."""
 
     def not_blank(value: str) -> None:
@@ -27,12 +35,14 @@ def _text(name: str, *, required: bool, max_length: int) -> _Text:
     too_long = f"{name} must be at most {max_length} characters"
     return _Text(
         too_long=too_long,
+        too_long_error=too_long_error,
         required=required,
         allow_none=False,
         metadata={"pattern": r"\S"},  # documents "not blank" in the OpenAPI document
         validate=[
             not_blank,
             validate.Length(max=max_length, error=too_long),
+            *(extra or []),
         ],
         error_messages={
             "required": f"{name} is required",
@@ -46,7 +56,7 @@ class _RequestSchema(Schema):
     """Unknown fields are ignored; a failure becomes the BrokerError named for the first bad field.
 
     `field_errors` names the error of a field that is missing or unusable (absent, null, blank, not a string);
-    a value that is only too long is always InvalidRequest with the field's own sentence.
+    a value that is only too long is InvalidRequest with the field's own sentence, or the field's too_long_error.
     """
 
     class Meta:
@@ -62,8 +72,11 @@ class _RequestSchema(Schema):
             messages = exc.normalized_messages()
             field = next(name for name in self.fields if name in messages)
             message = str(messages[field][0])
+            spec = self.fields[field]
+            if isinstance(spec, _Text) and message == spec.too_long:
+                raise (spec.too_long_error() if spec.too_long_error else InvalidRequest(message)) from None
             error_class = self.field_errors.get(field)
-            if error_class is not None and message != getattr(self.fields[field], "too_long", None):
+            if error_class is not None:
                 raise error_class() from None
             raise InvalidRequest(message) from None
 
@@ -74,14 +87,31 @@ class LoginRequest(_RequestSchema):
     scope = _text("scope", required=False, max_length=1024)
 
 
+def _email(value: str) -> None:
+    if not _EMAIL.fullmatch(value):
+        raise ValidationError("email must be an email address")
+
+
+# One @, something on both sides, a dot in the domain, no spaces: Keycloak checks the rest.
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
+
+
+class RegisterRequest(_RequestSchema):
+    username = _text("username", required=True, max_length=255)
+    email = _text("email", required=True, max_length=254, extra=[_email])
+    password = _text("password", required=True, max_length=1024)
+    given_name = _text("given_name", required=False, max_length=255)
+    family_name = _text("family_name", required=False, max_length=255)
+
+
 class RefreshRequest(_RequestSchema):
-    refresh_token = _text("refresh_token", required=True, max_length=8192)
+    refresh_token = _text("refresh_token", required=True, max_length=REFRESH_TOKEN_MAX, too_long_error=RefreshRejected)
     scope = _text("scope", required=False, max_length=1024)
     field_errors = {"refresh_token": RefreshTokenRequired}
 
 
 class LogoutRequest(_RequestSchema):
-    refresh_token = _text("refresh_token", required=True, max_length=8192)
+    refresh_token = _text("refresh_token", required=True, max_length=REFRESH_TOKEN_MAX, too_long_error=RefreshRejected)
     field_errors = {"refresh_token": RefreshTokenRequired}
 
 
@@ -103,6 +133,18 @@ class Token(Schema):
 
 class TokenResponse(Schema):
     message = fields.String(required=True)
+    token = fields.Nested(Token, required=True)
+
+
+class RegisteredUser(Schema):
+    sub = fields.String(required=True)
+    username = fields.String(required=True)
+    email = fields.String(required=True)
+
+
+class RegisterResponse(Schema):
+    message = fields.String(required=True)
+    user = fields.Nested(RegisteredUser, required=True)
     token = fields.Nested(Token, required=True)
 
 
@@ -146,6 +188,8 @@ class ReadyResponse(Schema):
 
 
 login_request = LoginRequest()
+register_request = RegisterRequest()
+register_response = RegisterResponse()
 refresh_request = RefreshRequest()
 logout_request = LogoutRequest()
 token_response = TokenResponse()

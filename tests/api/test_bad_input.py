@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.keycloak_stub import body_of
+from tests.support.keycloak_stub import LOGOUT_URL, body_of
 
 REQUIRED = {"error": "refresh_token_required", "message": "Refresh token is required"}
 
@@ -144,7 +144,21 @@ def test_a_body_exactly_at_the_limit_is_read(client, keycloak):
     body = prefix + b"x" * (16384 - len(prefix) - len(suffix)) + suffix
     assert len(body) == 16384
     response = client.post("/api/auth/refresh-token", data=body, content_type="application/json")
-    assert (response.status_code, body_of(response)) == (400, invalid("refresh_token must be at most 8192 characters"))
+    # Read and validated: a refresh token that long cannot be one of the realm's.
+    assert (response.status_code, body_of(response)) == (400, {"error": "invalid_grant", "message": "Invalid refresh token"})
+    assert keycloak.token_calls() == []
+
+
+@pytest.mark.parametrize("path", ["/api/auth/refresh-token", "/api/auth/logout"])
+@pytest.mark.parametrize(("length", "reaches_keycloak"), [(4000, True), (4001, False), (8192, False)])
+def test_a_refresh_token_longer_than_keycloak_reads_is_invalid_grant(client, keycloak, path, length, reaches_keycloak):
+    """Keycloak drops form fields over 4,000 characters: a longer token is refused here, not sent as nothing."""
+    keycloak.refuses(400, "invalid_grant", "Invalid refresh token")
+    keycloak.refuses(400, "invalid_grant", "Invalid refresh token", url=LOGOUT_URL)
+    response = client.post(path, json={"refresh_token": "x" * length})
+    sent = keycloak.token_calls() + keycloak.token_calls(LOGOUT_URL)
+    assert (response.status_code, body_of(response), len(sent) == 1) == (
+        400, {"error": "invalid_grant", "message": "Invalid refresh token"}, reaches_keycloak)
 
 
 @pytest.mark.parametrize("path", ["/api/auth/login", "/api/auth/refresh-token", "/api/auth/logout"])

@@ -80,6 +80,14 @@ def test_verify_percent_encodes_what_a_header_cannot_carry(client, keycloak):
     assert "X-Evil" not in response.headers
 
 
+def test_verify_headers_keep_outer_spaces_and_commas_inside_roles(client, keycloak):
+    """' bob ' keeps its spaces, and the roles "user" and "admin,superuser" stay two roles, not three."""
+    token = keycloak.realm_keys.token(preferred_username=" bob ", realm_access={"roles": ["user", "admin,superuser"]})
+    response = client.get("/api/auth/verify", headers=bearer(token))
+    assert (response.headers["X-Auth-Username"], response.headers["X-Auth-Roles"]) == (
+        "%20bob%20", "admin%2Csuperuser,user")
+
+
 @pytest.mark.parametrize("path", ["/api/auth/me", "/api/auth/verify"])
 @pytest.mark.parametrize("authorization", [None, "", "Bearer", "Bearer   ", "Basic YWxpY2U6cHc=", "token-without-scheme"])
 def test_no_bearer_token_is_access_token_required(client, keycloak, path, authorization):

@@ -73,13 +73,16 @@ def test_a_refused_coalesced_refresh_is_shared(app, keycloak):
     assert results == [(400, {"error": "invalid_grant", "message": "Refresh token expired"})] * 10
 
 
-def test_different_scopes_are_different_refreshes(app, keycloak):
-    """The same token with another scope is not coalesced with the first."""
+def test_the_same_token_with_another_scope_spends_nothing(app, keycloak):
+    """A second scope for a token just refreshed is a 409 that never reaches Keycloak (it would be a reuse)."""
     seen = slow_token_endpoint(keycloak, delay=0.01)
     client = app.test_client()
-    client.post("/api/auth/refresh-token", json={"refresh_token": "rt"})
-    client.post("/api/auth/refresh-token", json={"refresh_token": "rt", "scope": "openid"})
-    assert len(seen) == 2
+    first = client.post("/api/auth/refresh-token", json={"refresh_token": "rt"})
+    second = client.post("/api/auth/refresh-token", json={"refresh_token": "rt", "scope": "openid"})
+    assert (first.status_code, second.status_code, body_of(second), len(seen)) == (200, 409, {
+        "error": "refresh_conflict",
+        "message": "This refresh token was just refreshed with another scope; use the tokens that refresh returned",
+    }, 1)
 
 
 def test_a_late_duplicate_within_the_grace_window_gets_the_same_tokens(settings, keycloak):
@@ -242,6 +245,37 @@ def test_an_unlisted_origin_gets_no_cors_grant(cookie_app, keycloak):
                          headers={"Origin": "https://evil.example.test"})
     for response in (preflight, actual):
         assert not [h for h in response.headers.keys() if h.startswith("Access-Control-Allow")]
+
+
+@pytest.mark.parametrize("origin", [f"{FRONTEND}.attacker.net", f"{FRONTEND}:8443", "https://xapp.example.test",
+                                    "http://app.example.test"])
+def test_an_origin_that_merely_starts_or_ends_like_the_listed_one_gets_no_grant(cookie_app, origin):
+    """The allowlist is matched exactly (anchored), never as a prefix or a pattern."""
+    response = cookie_app.test_client().options("/api/auth/refresh-token", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST"})
+    assert not [h for h in response.headers.keys() if h.startswith("Access-Control-Allow")]
+
+
+def test_an_ipv6_literal_origin_is_matched_exactly(settings, keycloak):
+    """Brackets are no pattern: http://[::1]:3000 is granted, http://1:3000 is not."""
+    client = create_app(replace(settings, cors_origins=frozenset({"http://[::1]:3000"}))).test_client()
+    granted = client.options("/api/auth/login", headers={"Origin": "http://[::1]:3000",
+                                                         "Access-Control-Request-Method": "POST"})
+    refused = client.options("/api/auth/login", headers={"Origin": "http://1:3000",
+                                                         "Access-Control-Request-Method": "POST"})
+    assert (granted.headers.get("Access-Control-Allow-Origin"), refused.headers.get("Access-Control-Allow-Origin")) \
+        == ("http://[::1]:3000", None)
+
+
+def test_an_oversized_cookie_is_refused_and_dropped(cookie_app, keycloak):
+    """A cookie too long to be a refresh token of the realm: invalid_grant, and the answer clears the cookie."""
+    client = cookie_app.test_client()
+    client.set_cookie(COOKIE, "x" * 4001, path="/api/auth")
+    response = client.post("/api/auth/refresh-token", headers=CSRF)
+    assert (response.status_code, body_of(response)) == (400, {"error": "invalid_grant",
+                                                               "message": "Invalid refresh token"})
+    assert set_cookie_header(response).startswith(f"{COOKIE}=;")
+    assert keycloak.token_calls() == []
 
 
 def test_cors_is_off_without_an_allowlist(client):

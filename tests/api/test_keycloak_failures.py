@@ -41,7 +41,7 @@ def post(client, route):
         (LOGIN, 400, "invalid_grant", "Account disabled", 401, "invalid_grant", "Account is disabled"),
         (LOGIN, 400, "invalid_grant", "Account temporarily disabled", 401, "invalid_grant",
          "Account is temporarily locked"),
-        (LOGIN, 400, "invalid_grant", "Account is not fully set up", 401, "invalid_grant",
+        (LOGIN, 400, "invalid_grant", "Account is not fully set up", 401, "account_setup_required",
          "Account is not fully set up; finish setting it up in the account console"),
         (LOGIN, 400, "invalid_grant", "Something new", 401, "invalid_grant", "Login was refused"),
         (LOGIN, 400, "invalid_scope", "Invalid scopes: nope", 400, "invalid_scope",

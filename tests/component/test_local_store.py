@@ -48,7 +48,7 @@ def test_a_dead_workers_lock_holds_only_until_its_lease_ends(tmp_path):
     """A lock left by a killed worker: waiters answer 503 once its lease ends; the next attempt refreshes."""
     keycloak = Keycloak(delay=0)
     store = LocalOutcomes(str(tmp_path), lease=0.3)
-    assert store.claim(FlightKey.of("rt", None), "killed-worker")
+    assert store.claim(FlightKey.of("rt"), "killed-worker")
     with pytest.raises(UpstreamUnavailable) as waited:
         worker(keycloak, tmp_path, lease=0.3).refresh("rt")
     assert (waited.value.message, keycloak.grants) == (LOST["message"], 0)
@@ -79,7 +79,7 @@ def test_a_lock_whose_process_is_gone_is_taken_over_at_once(tmp_path):
     """A worker killed mid-refresh leaves its lock: the next refresh does not wait for the lease, it refreshes."""
     keycloak = Keycloak(delay=0)
     store = LocalOutcomes(str(tmp_path), lease=60)
-    assert store.claim(FlightKey.of("rt", None), "killed-worker")
+    assert store.claim(FlightKey.of("rt"), "killed-worker")
     gone = subprocess.Popen(["true"])  # a process that has exited: its pid names nobody now
     gone.wait()
     db = sqlite3.connect(store.path)
@@ -147,7 +147,7 @@ def test_looking_at_a_stale_lock_never_removes_a_lock_taken_meanwhile(tmp_path):
     """locked() only reads: a waiter judging an expired lock cannot delete the lock another process took since."""
     now = [100.0]
     store = LocalOutcomes(str(tmp_path), lease=1, clock=lambda: now[0])
-    key = FlightKey.of("rt", None)
+    key = FlightKey.of("rt")
     assert store.claim(key, "first")
     now[0] += 2  # the first lease ran out
     assert store.locked(key) is False

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from app.errors import BrokerError, RefreshRejected, UpstreamUnavailable
+from app.errors import BrokerError, RefreshConflict, RefreshRejected, UpstreamUnavailable
 from app.refresh_coalescing import FlightKey, RedisOutcomes, RefreshCoalescer
 from app.shared_store import SharedStore, SharedStoreDown
 from tests.support.answers import UNCOORDINATED
@@ -83,7 +83,7 @@ def test_a_crashed_leader_blocks_others_only_until_its_lease_ends(redis_client):
     the client's next attempt finds no lock and refreshes."""
     keycloak = Keycloak(delay=0)
     shared = RedisOutcomes(SharedStore(redis_client, retry_seconds=0.1), lease=0.3)
-    assert shared.claim(FlightKey.of("rt", None), "dead-process")
+    assert shared.claim(FlightKey.of("rt"), "dead-process")
     coalescer = RefreshCoalescer(keycloak, grace=5, shared=shared)
     started = time.monotonic()
     with pytest.raises(BrokerError) as waited:
@@ -234,3 +234,26 @@ def test_redis_commands_run_side_by_side_not_one_at_a_time(redis_client):
     with ThreadPoolExecutor(max_workers=20) as pool:
         assert list(pool.map(slow, range(20))) == [True] * 20
     assert time.monotonic() - started < 1.0
+
+
+def test_across_processes_a_landed_outcome_goes_only_to_the_same_client(redis_client):
+    """Through Redis too: the same client gets the kept tokens, another client is sent to Keycloak."""
+    keycloak = Keycloak(delay=0)
+    first, second = processes(keycloak, redis_client, 2)
+    assert first.refresh("RT-MARKER-old", None, "browser-a") == TOKENS
+    assert second.refresh("RT-MARKER-old", None, "browser-a") == TOKENS
+    assert keycloak.grants == 1
+    keycloak.outcome = RefreshRejected("Refresh token was already used; the session has been ended")
+    with pytest.raises(RefreshRejected):
+        second.refresh("RT-MARKER-old", None, "thief")
+    assert keycloak.grants == 2
+
+
+def test_across_processes_another_scope_after_new_tokens_is_a_conflict(redis_client):
+    """A second process asking for another scope of a token another process just refreshed: 409, no grant."""
+    keycloak = Keycloak(delay=0)
+    first, second = processes(keycloak, redis_client, 2)
+    assert first.refresh("RT-MARKER-old", None, "browser-a") == TOKENS
+    with pytest.raises(RefreshConflict):
+        second.refresh("RT-MARKER-old", "openid email", "browser-a")
+    assert keycloak.grants == 1

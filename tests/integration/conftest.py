@@ -228,12 +228,16 @@ def start_broker(keycloak_server: KeycloakServer, tmp_path_factory) -> Iterator[
     running: list[subprocess.Popen] = []
     ports = iter(range(BROKER_PORT + 1, BROKER_PORT + 50))
 
+    logs: dict[str, Path] = {}
+
     def start(**settings: str) -> str:
         port = next(ports)
         log_path = tmp_path_factory.mktemp("broker") / f"gunicorn-{port}.log"
         running.append(_start_broker(broker_env(keycloak_server, **settings), port, log_path))
+        logs[f"http://127.0.0.1:{port}"] = log_path
         return f"http://127.0.0.1:{port}"
 
+    start.logs = logs  # where each broker writes its log, by URL
     yield start
     for proc in running:
         _stop_broker(proc)

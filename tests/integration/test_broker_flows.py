@@ -149,11 +149,12 @@ def test_disabled_user_is_401(broker, make_user):
 
 
 def test_user_with_a_required_action_is_401(broker, make_user):
-    """An account with a pending required action cannot use the password grant."""
+    """An account with a pending required action cannot use the password grant; the answer says what to do."""
     user = make_user(required_actions=["UPDATE_PASSWORD"])
     assert outcome(broker.login(user.username, user.password)) == (
         401,
-        {"error": "invalid_grant", "message": "Account is not fully set up; finish setting it up in the account console"},
+        {"error": "account_setup_required",
+         "message": "Account is not fully set up: choose a new password in the account console, then log in again"},
     )
 
 
@@ -294,7 +295,9 @@ def test_the_broker_log_is_json_and_holds_no_secret(broker, broker_log):
     time.sleep(0.5)  # let the workers flush
     text = broker_log.read_text()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-    assert [line["status"] for line in lines if line.get("request_id") == "rid-m1"] == [401]
+    mine = [line for line in lines if line.get("request_id") == "rid-m1"]
+    assert [(line["logger"], line.get("status"), line.get("event")) for line in mine] == [
+        ("app.access", 401, None), ("app.audit", None, "login")]  # the access line, then the audit event
     assert all(marker not in text for marker in ("MARKER-1d2c", "MARKER-3e4f", "MARKER-5a6b", "MARKER-7c8d",
                                                    "MARKER-9e0f", "alice-password", "token-broker-local-secret"))
 

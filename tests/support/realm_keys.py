@@ -44,7 +44,7 @@ class RealmKeys:
         """Keycloak-shaped access-token claims for bob, valid for five minutes."""
         now = int(time.time())
         claims = {
-            "exp": now + 300, "iat": now, "jti": "jti-1", "iss": ISSUER, "aud": "account",
+            "exp": now + 300, "iat": now, "jti": "jti-1", "iss": ISSUER, "aud": ["token-broker", "account"],
             "sub": "0b2f0d3e-bob", "typ": "Bearer", "azp": "token-broker", "sid": "sid-1",
             "realm_access": {"roles": ["user", "admin", "default-roles-demo"]},
             "resource_access": {"account": {"roles": ["view-profile", "manage-account"]}},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -222,3 +224,88 @@ def test_every_variable_is_in_the_operations_guide():
     guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     missing = [f.metadata["env"] for f in fields(Settings) if f"| `{f.metadata['env']}` |" not in guide]
     assert missing == []
+
+
+@pytest.mark.parametrize("header", ["Content-Type", "accept", "Origin", "Cookie", "User-Agent", "Sec-Fetch-Mode",
+                                    "X-Forwarded-For", "X-Forwarded-Prefix", "Proxy-Authorization", "Authorization",
+                                    "Upgrade-Insecure-Requests", "Priority", "True-Client-IP", "Traceparent"])
+def test_unsafe_csrf_headers_are_refused(header):
+    """A header a cross-site form, the browser or a proxy sends proves nothing: refused, naming the variable."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "BROKER_CSRF_HEADER": header})
+    assert caught.value.problems == [
+        f"BROKER_CSRF_HEADER: {header!r} cannot prove a request is not cross-site (a form, the browser or a proxy "
+        "sends it); pick a custom header such as X-Requested-With"
+    ]
+
+
+def test_a_custom_csrf_header_is_accepted():
+    """The default and any custom header name are fine."""
+    assert Settings.from_env({**BASE, "BROKER_CSRF_HEADER": "X-CSRF-Proof"}).csrf_header == "X-CSRF-Proof"
+
+
+@pytest.mark.parametrize("origin", ["https://*.example.com", "https://app.example.com.*", "https://(a|b).example.com",
+                                    "https://app.example.com$", "https://app.exa^mple.com"])
+def test_pattern_origins_are_refused(origin):
+    """flask-cors reads pattern characters as an unanchored regex: each origin must be exact."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "BROKER_CORS_ORIGINS": origin})
+    assert caught.value.problems == [
+        f"BROKER_CORS_ORIGINS: {origin!r} is not an exact origin (no wildcards or patterns): list each frontend"
+    ]
+
+
+def test_exact_origins_are_accepted():
+    """Host names, ports and IP literals (IPv6 in brackets) are exact origins."""
+    raw = "https://App.Example.com, http://127.0.0.1:5173, http://[::1]:3000"
+    assert Settings.from_env({**BASE, "BROKER_CORS_ORIGINS": raw}).cors_origins == {
+        "https://app.example.com", "http://127.0.0.1:5173", "http://[::1]:3000"}
+
+
+PLAIN_HTTP = (
+    "KEYCLOAK_URL: plain http:// to a host other than this machine sends the client secret and users' passwords "
+    "in clear; use https://, or set KEYCLOAK_ALLOW_HTTP=true for a private network you trust (compose's)"
+)
+
+
+@pytest.mark.parametrize(("url", "extra", "problems"), [
+    ("http://keycloak.internal:8080", {}, [PLAIN_HTTP]),
+    ("HTTP://keycloak.internal:8080", {}, [PLAIN_HTTP]),
+    ("http://10.0.0.5", {}, [PLAIN_HTTP]),
+    ("http://keycloak.internal:8080", {"KEYCLOAK_ALLOW_HTTP": "true"}, []),
+    ("https://keycloak.internal", {}, []),
+    ("http://127.0.0.1:8080", {}, []),
+    ("http://localhost:8080", {}, []),
+    ("http://[::1]:8080", {}, []),
+])
+def test_plain_http_to_another_host_needs_the_opt_in(url, extra, problems):
+    """Loopback and https:// need nothing; plain http:// elsewhere is refused unless KEYCLOAK_ALLOW_HTTP=true."""
+    try:
+        Settings.from_env({**BASE, "KEYCLOAK_URL": url, **extra})
+        found = []
+    except ConfigError as exc:
+        found = exc.problems
+    assert found == problems
+
+
+def test_tokens_must_be_for_the_brokers_own_client_by_default():
+    """The default audience and authorized party are KEYCLOAK_CLIENT_ID; '*' accepts any, explicitly."""
+    default = Settings.from_env({**BASE, "KEYCLOAK_CLIENT_ID": "my-broker"})
+    assert (default.accepted_audiences, default.accepted_authorized_parties) == ({"my-broker"}, {"my-broker"})
+    opened = Settings.from_env({**BASE, "BROKER_TOKEN_AUDIENCES": "*", "BROKER_TOKEN_AUTHORIZED_PARTIES": "a,b"})
+    assert (opened.accepted_audiences, opened.accepted_authorized_parties) == (frozenset(), {"a", "b"})
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, "BROKER_TOKEN_AUDIENCES": "*,account"})
+    assert caught.value.problems == ["BROKER_TOKEN_AUDIENCES: '*' accepts any value and cannot be combined with names"]
+
+
+def test_reading_the_settings_imports_no_network_module():
+    """gunicorn's master reads the settings before gevent patches ssl and socket: reading them must not import those."""
+    program = (
+        "import sys; from app.config import Settings; "
+        "Settings.from_env({'KEYCLOAK_CLIENT_SECRET': 's', 'BROKER_RATE_LIMIT_LOGIN': '5 per minute'}); "
+        "print(sorted(m for m in ('ssl', 'socket', 'limits', 'flask') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert (run.returncode, run.stdout, run.stderr) == (0, "[]\n", "")

@@ -60,6 +60,8 @@ def test_compose_runs_the_broker_against_that_keycloak():
     assert broker["build"] == "."
     assert broker["environment"] == {
         "KEYCLOAK_URL": "http://keycloak:8080",
+        "KEYCLOAK_ALLOW_HTTP": "true",
+        "BROKER_REGISTRATION": "true",
         "KEYCLOAK_REALM": realm["realm"],
         "KEYCLOAK_CLIENT_ID": client["clientId"],
         "KEYCLOAK_CLIENT_SECRET": client["secret"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.errors import (
+    AccountSetupRequired,
     AnswerKept,
     AnswerLost,
     BrokerError,
@@ -41,7 +42,8 @@ TABLE = [
     ((LOGIN, "invalid_grant", "Account temporarily disabled"), (LoginRejected, 401, "invalid_grant",
                                                                 "Account is temporarily locked")),
     ((LOGIN, "invalid_grant", "Account is not fully set up"), (
-        LoginRejected, 401, "invalid_grant", "Account is not fully set up; finish setting it up in the account console")),
+        AccountSetupRequired, 401, "account_setup_required",
+        "Account is not fully set up; finish setting it up in the account console")),
     ((LOGIN, "invalid_grant", "Something new"), (LoginRejected, 401, "invalid_grant", "Login was refused")),
     ((REFRESH, "invalid_scope", "Invalid scopes: admin"), (
         InvalidScope, 400, "invalid_scope", "The requested scope is not allowed for this client")),

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from app.errors import (
     AnswerKept,
     BrokerError,
+    InvalidScope,
+    RefreshConflict,
     RefreshRejected,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.refresh_coalescing import FlightKey, RefreshCoalescer, seal, unseal
+from app.refresh_coalescing import FlightKey, RefreshCoalescer, Stored, seal, unseal
 from app.shared_store import CircuitBreaker
 from tests.support.answers import KEPT
 from tests.support.fake_refresh import TOKENS, Keycloak
@@ -20,16 +25,16 @@ from tests.support.fake_refresh import TOKENS, Keycloak
 
 def test_a_shared_unavailability_keeps_its_retry_after_status():
     """A 503 read back from Redis is still a 503 (the handler adds Retry-After by status)."""
-    key = FlightKey.of("rt", None)
-    restored = unseal(key, seal(key, UpstreamUnavailable()))
+    key = FlightKey.of("rt")
+    restored = unseal(key, seal(key, Stored(UpstreamUnavailable()))).outcome
     assert (restored.status, restored.error) == (503, "upstream_unavailable")
 
 
 def test_a_sealed_outcome_opens_only_with_its_token():
-    """Another token (or another scope) cannot open a sealed outcome."""
-    blob = seal(FlightKey.of("rt-1", None), TOKENS)
-    assert unseal(FlightKey.of("rt-1", None), blob) == TOKENS
-    for other in (FlightKey.of("rt-2", None), FlightKey.of("rt-1", "openid")):
+    """Another token cannot open a sealed outcome; the scope and the client it was for come back with it."""
+    blob = seal(FlightKey.of("rt-1"), Stored(TOKENS, "openid", "client-a"))
+    assert unseal(FlightKey.of("rt-1"), blob) == Stored(TOKENS, "openid", "client-a")
+    for other in (FlightKey.of("rt-2"), FlightKey.of("rt-1 ")):
         with pytest.raises(ValueError):
             unseal(other, blob)
 
@@ -60,7 +65,7 @@ def test_a_retry_while_the_flight_is_still_in_the_air_joins_it():
 @pytest.mark.parametrize(
     ("outcome", "grants"),
     [(TOKENS, 1), (RefreshRejected("Session has ended"), 1), (UpstreamUnavailable(), 2), (UpstreamError(), 2),
-     (UpstreamTimeout(), 2)],
+     (UpstreamTimeout(), 2), (InvalidScope(), 2)],
 )
 def test_only_outcomes_that_tell_the_tokens_fate_are_kept(outcome, grants):
     """New tokens and refusals are kept for the grace window; faults are forgotten, so a retry asks Keycloak."""
@@ -108,6 +113,51 @@ def test_the_breaker_opens_after_three_failures_and_lets_one_trial_through_per_i
 @pytest.mark.parametrize("outcome", [RefreshRejected("Session has ended"), UpstreamUnavailable(), UpstreamTimeout()])
 def test_a_sealed_refusal_opens_as_the_same_kind_of_error(outcome):
     """What another process reads back is the same leaf of the error tree, with its status, code and message."""
-    key = FlightKey.of("rt", None)
-    restored = unseal(key, seal(key, outcome))
+    key = FlightKey.of("rt")
+    restored = unseal(key, seal(key, Stored(outcome))).outcome
     assert (type(restored), restored.parts()) == (type(outcome), outcome.parts())
+
+
+def test_another_scope_in_the_air_or_after_new_tokens_is_a_conflict():
+    """The token with another scope while its refresh flies, or once it brought new tokens: 409, no second grant."""
+    keycloak = Keycloak(delay=0.2)
+    coalescer = RefreshCoalescer(keycloak, grace=5)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(coalescer.refresh, "rt")
+        time.sleep(0.05)
+        with pytest.raises(RefreshConflict):
+            coalescer.refresh("rt", "openid email")
+        assert first.result() == TOKENS
+    with pytest.raises(RefreshConflict):
+        coalescer.refresh("rt", "openid email")
+    assert keycloak.grants == 1
+
+
+def test_another_scope_after_a_refusal_gets_the_refusal_or_asks_keycloak():
+    """A dead token is dead for every scope (shared refusal); a refused scope spent nothing (Keycloak is asked)."""
+    dead = Keycloak(outcome=RefreshRejected("Session has ended"), delay=0)
+    coalescer = RefreshCoalescer(dead, grace=5)
+    for scope in (None, "openid email"):
+        with pytest.raises(RefreshRejected):
+            coalescer.refresh("rt", scope)
+    assert dead.grants == 1
+    refused_scope = Keycloak(outcome=InvalidScope(), delay=0)
+    coalescer = RefreshCoalescer(refused_scope, grace=5)
+    with pytest.raises(InvalidScope):
+        coalescer.refresh("rt", "admin")
+    refused_scope.outcome = TOKENS
+    assert coalescer.refresh("rt", None) == TOKENS
+    assert refused_scope.grants == 2
+
+
+def test_a_landed_refresh_goes_again_to_keycloak_for_another_client():
+    """Within the grace window the same client gets the kept tokens; another client is sent to Keycloak."""
+    keycloak = Keycloak(delay=0)
+    coalescer = RefreshCoalescer(keycloak, grace=5)
+    assert coalescer.refresh("rt", None, "browser-a") == TOKENS
+    assert coalescer.refresh("rt", None, "browser-a") == TOKENS
+    assert keycloak.grants == 1
+    keycloak.outcome = RefreshRejected("Refresh token was already used; the session has been ended")
+    with pytest.raises(RefreshRejected):
+        coalescer.refresh("rt", None, "thief")
+    assert keycloak.grants == 2

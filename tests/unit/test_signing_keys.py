@@ -188,3 +188,4 @@ def test_a_failing_refresh_in_passing_is_not_retried_on_every_request(realm):
     clock.now += 11
     keys.get("a")
     assert jwks.fetches == 3
+

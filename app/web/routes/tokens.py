@@ -72,9 +72,23 @@ def _roles(access: Any) -> list[str]:
     return sorted(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else []
 
 
-def _header_value(value: Any) -> str:
-    """Printable ASCII as is; anything else (non-ASCII, control characters, '%') percent-encoded as UTF-8."""
-    return quote(str(value), safe=_HEADER_SAFE) if value is not None else ""
+def _header_value(value: Any, *, list_item: bool = False) -> str:
+    """Printable ASCII as is; anything else (non-ASCII, control characters, '%') percent-encoded as UTF-8.
+
+    Outer spaces are encoded too (a header value loses them), and in an item of a comma-separated list so is
+    ',' (the role "admin,superuser" must not read as two roles).
+    """
+    if value is None:
+        return ""
+    text = quote(str(value), safe=_HEADER_SAFE.replace(",", "") if list_item else _HEADER_SAFE)
+    inner = text.strip(" ")
+    if inner == text:
+        return text
+    if not inner:
+        return "%20" * len(text)
+    lead = len(text) - len(text.lstrip(" "))
+    trail = len(text) - len(text.rstrip(" "))
+    return "%20" * lead + inner + "%20" * trail
 
 
 @bp.get("/me")
@@ -92,5 +106,5 @@ def verify() -> Response:
     response.headers["X-Auth-Subject"] = _header_value(who["sub"])
     response.headers["X-Auth-Username"] = _header_value(who["username"])
     response.headers["X-Auth-Email"] = _header_value(who["email"])
-    response.headers["X-Auth-Roles"] = _header_value(",".join(who["roles"]))
+    response.headers["X-Auth-Roles"] = ",".join(_header_value(role, list_item=True) for role in who["roles"])
     return response
