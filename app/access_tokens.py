@@ -8,6 +8,9 @@ cannot be reached, the keys in hand keep working.
 `AccessTokenValidator` checks a bearer token with joserfc (see docs/architecture.md for why): compact
 JWS shape and size, an asymmetric algorithm that matches the key's own, the signature, `iss`, `typ`
 (an access token, not a refresh or ID token), `exp`/`nbf`/`iat` with leeway, and optionally `aud`/`azp`.
+
+`LogoutTokenValidator` checks the logout tokens Keycloak posts to /api/auth/backchannel-logout the same way
+(same keys, same algorithms), then as OpenID Connect Back-Channel Logout 1.0 section 2.6 says, `jti` single use.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
 from joserfc.jws import JWSRegistry
 
-from app.errors import BrokerError, InvalidToken, UpstreamUnavailable
+from app.errors import BrokerError, InvalidRequest, InvalidToken, UpstreamUnavailable
 from app.metrics import KEY_FETCHES
 
 log = logging.getLogger(__name__)
@@ -184,23 +187,7 @@ class AccessTokenValidator:
 
     def validate(self, token: str) -> dict[str, Any]:
         """The token's claims if it is a valid access token of the realm; raise InvalidToken otherwise."""
-        header = _header(token)
-        algorithm, kid = header.get("alg"), header.get("kid")
-        if not isinstance(algorithm, str) or algorithm not in ALLOWED_ALGORITHMS:
-            raise InvalidToken("Access token uses a signature algorithm that is not accepted")
-        if not isinstance(kid, str) or not kid:
-            raise InvalidToken("Access token names no signing key")
-        key = self.keys.get(kid)
-        if key is None:
-            raise InvalidToken("Access token was signed with an unknown key")
-        if key.algorithm != algorithm:
-            raise InvalidToken("Access token's algorithm does not match its key")
-        try:
-            claims = jwt.decode(token, key.key, algorithms=[key.algorithm], registry=_JWS_REGISTRY).claims
-        except (JoseError, ValueError, TypeError):
-            raise InvalidToken("Access token signature is invalid") from None
-        if not isinstance(claims, dict):
-            raise InvalidToken("Access token is malformed")
+        _, claims = _verified(token, self.keys, "Access token", InvalidToken)
         self._check_claims(claims, self.policy())
         return claims
 
@@ -229,20 +216,149 @@ class AccessTokenValidator:
             raise InvalidToken("Access token expired", expired=True)
 
 
-def _header(token: str) -> dict[str, Any]:
+# OpenID Connect Back-Channel Logout 1.0: the event a logout token must carry, and its explicit type (section 2.4:
+# "logout+jwt"; RFC 7515 lets the "application/" prefix be left out, and media types compare case-insensitively).
+LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+LOGOUT_JWT_TYPES = frozenset({"logout+jwt", "application/logout+jwt"})
+# Keycloak's own claim; an access, ID or refresh token says "Bearer", "ID" or "Refresh" there.
+KEYCLOAK_LOGOUT_TYP = "Logout"
+# A logout token older than this (by its iat) is refused, so its jti need not be remembered longer.
+LOGOUT_MAX_AGE = 600.0
+
+
+@dataclass(frozen=True)
+class LogoutTokenPolicy:
+    """What a valid logout token must satisfy besides its signature."""
+
+    issuer: str
+    client_id: str
+    leeway: int = 10
+    max_age: float = LOGOUT_MAX_AGE
+
+
+class LogoutTokenValidator:
+    """Validates Keycloak's back-channel logout tokens (OIDC Back-Channel Logout 1.0, section 2.6); raises InvalidRequest.
+
+    The signature is checked as for access tokens (the same SigningKeys, the same algorithm allowlist). Then:
+    `typ` in the header, when there, is logout+jwt; `iss` is the realm; `aud` names the broker's client; `iat`
+    is there, not in the future and at most `max_age` old; `exp`, when there, has not passed; `events` holds the
+    back-channel logout event; there is no `nonce`; `sid` and/or `sub` name what ended; `jti` is there and used
+    once: `first_use(jti, until)` records it until the token could no longer be accepted anyway, and says False
+    when it was seen before (in Redis when there is one, see app/ended_sessions.py).
+    """
+
+    def __init__(self, keys: SigningKeys, policy: Callable[[], LogoutTokenPolicy],
+                 first_use: Callable[[str, float], bool], clock: Callable[[], float] = time.time):
+        self.keys = keys
+        self._build_policy = policy
+        self._policy: LogoutTokenPolicy | None = None
+        self._first_use = first_use
+        self._clock = clock
+
+    def policy(self) -> LogoutTokenPolicy:
+        """The policy logout tokens are held to; raise BrokerError while it cannot be built (no discovery yet)."""
+        if self._policy is None:
+            self._policy = self._build_policy()
+        return self._policy
+
+    def validate(self, token: str) -> dict[str, Any]:
+        """The claims of a valid logout token seen for the first time; raise InvalidRequest otherwise.
+
+        A valid token is spent by this call: the same token again is refused as a replay.
+        """
+        if token.split() != [token]:
+            raise InvalidRequest("Logout token is malformed")
+        header, claims = _verified(token, self.keys, "Logout token", InvalidRequest)
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in LOGOUT_JWT_TYPES):
+            raise InvalidRequest("Logout token is not of type logout+jwt")
+        policy = self.policy()
+        fault = self._fault(claims, policy)
+        if fault is not None:
+            raise InvalidRequest(fault)
+        until = claims["iat"] + policy.max_age
+        if claims.get("exp") is not None:
+            until = min(until, claims["exp"])
+        if not self._first_use(claims["jti"], until + policy.leeway):
+            raise InvalidRequest("Logout token was already used")
+        return claims
+
+    def _fault(self, claims: dict[str, Any], policy: LogoutTokenPolicy) -> str | None:
+        """The first thing wrong with the claims, in the order of the spec's section 2.6, or None."""
+        now = self._clock()
+        if claims.get("iss") != policy.issuer:
+            return "Logout token was issued by another issuer"
+        if policy.client_id not in _as_set(claims.get("aud")):
+            return "Logout token is not meant for this client"
+        if not _is_number(claims.get("iat")):
+            return "Logout token has no valid 'iat' claim"
+        if claims["iat"] > now + policy.leeway:
+            return "Logout token was issued in the future"
+        if claims["iat"] < now - policy.max_age - policy.leeway:
+            return "Logout token is too old"
+        if claims.get("exp") is not None and not _is_number(claims["exp"]):
+            return "Logout token has no valid 'exp' claim"
+        if claims.get("exp") is not None and claims["exp"] <= now - policy.leeway:
+            return "Logout token expired"
+        if claims.get("nbf") is not None and (not _is_number(claims["nbf"]) or claims["nbf"] > now + policy.leeway):
+            return "Logout token is not valid yet"
+        if claims.get("typ", KEYCLOAK_LOGOUT_TYP) != KEYCLOAK_LOGOUT_TYP:
+            return "Token is not a logout token"
+        events = claims.get("events")
+        if not isinstance(events, dict) or not isinstance(events.get(LOGOUT_EVENT), dict):
+            return "Logout token has no back-channel logout event"
+        if "nonce" in claims:
+            return "Logout token must not have a 'nonce' claim"
+        sid, sub = claims.get("sid"), claims.get("sub")
+        if any(value is not None and (not isinstance(value, str) or not value) for value in (sid, sub)):
+            return "Logout token has a malformed 'sid' or 'sub' claim"
+        if sid is None and sub is None:
+            return "Logout token names neither a session ('sid') nor a subject ('sub')"
+        if not isinstance(claims.get("jti"), str) or not claims["jti"]:
+            return "Logout token has no valid 'jti' claim"
+        return None
+
+
+def _verified(token: str, keys: SigningKeys, noun: str, refuse: Callable[[str], BrokerError]
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and claims of a compact JWS signed by one of the realm's keys; raise `refuse(sentence)` otherwise.
+
+    `noun` starts every sentence ("Access token", "Logout token"); UpstreamUnavailable while there are no keys.
+    """
+    header = _header(token, noun, refuse)
+    algorithm, kid = header.get("alg"), header.get("kid")
+    if not isinstance(algorithm, str) or algorithm not in ALLOWED_ALGORITHMS:
+        raise refuse(f"{noun} uses a signature algorithm that is not accepted")
+    if not isinstance(kid, str) or not kid:
+        raise refuse(f"{noun} names no signing key")
+    key = keys.get(kid)
+    if key is None:
+        raise refuse(f"{noun} was signed with an unknown key")
+    if key.algorithm != algorithm:
+        raise refuse(f"{noun}'s algorithm does not match its key")
+    try:
+        claims = jwt.decode(token, key.key, algorithms=[key.algorithm], registry=_JWS_REGISTRY).claims
+    except (JoseError, ValueError, TypeError):
+        raise refuse(f"{noun} signature is invalid") from None
+    if not isinstance(claims, dict):
+        raise refuse(f"{noun} is malformed")
+    return header, claims
+
+
+def _header(token: str, noun: str, refuse: Callable[[str], BrokerError]) -> dict[str, Any]:
     if len(token) > MAX_TOKEN_BYTES:
-        raise InvalidToken("Access token is too large")
+        raise refuse(f"{noun} is too large")
     parts = token.split(".")
     if len(parts) != 3 or not all(parts):
-        raise InvalidToken("Access token is malformed")
+        raise refuse(f"{noun} is malformed")
     if len(parts[0]) > MAX_HEADER_BYTES:
-        raise InvalidToken("Access token header is too large")
+        raise refuse(f"{noun} header is too large")
     try:
         header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
     except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidToken("Access token is malformed") from None
+        raise refuse(f"{noun} is malformed") from None
     if not isinstance(header, dict):
-        raise InvalidToken("Access token is malformed")
+        raise refuse(f"{noun} is malformed")
     return header
 
 

@@ -9,7 +9,7 @@ with these ten fields, in this order:
 `schema`       "token-broker.audit/1"; a change that removes or redefines a field gets a new version
 `time`         when the event was emitted: UTC, ISO 8601 with milliseconds ("2025-05-01T12:00:00.123+00:00")
 `event`        what happened: one of `EVENTS` (login, refresh, logout, register, account_setup_required,
-               location_blocked, rate_limited, reuse_detected); another name is accepted and passed on as
+               location_blocked, rate_limited, reuse_detected, backchannel_logout); another name is accepted and passed on as
                it is, but counted as "other" in the metrics
 `outcome`      "ok" (done), "refused" (the client was told no: wrong password, spent token, a limit) or
                "failed" (the broker could not do it: Keycloak or Redis out)
@@ -102,7 +102,7 @@ SCHEMA = "token-broker.audit/1"
 # The events the broker emits (metric labels: any other name is counted as "other").
 EVENTS = frozenset({
     "login", "refresh", "logout", "register", "account_setup_required", "location_blocked", "rate_limited",
-    "reuse_detected",
+    "reuse_detected", "backchannel_logout",
 })
 OUTCOMES = frozenset({"ok", "refused", "failed"})
 # Every event has exactly these fields, in this order.

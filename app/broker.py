@@ -17,9 +17,12 @@ from typing import Callable
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.access_tokens import AccessTokenValidator, Introspection, SigningKeys, TokenPolicy
+from app.access_tokens import (AccessTokenValidator, Introspection, LogoutTokenPolicy, LogoutTokenValidator, SigningKeys,
+                               TokenPolicy)
 from app.accounts import Registration, SessionAddresses
 from app.audit import AuditEvents
+from app.code_flow import CodeFlow
+from app.ended_sessions import EndedSessions, UsedLogoutTokens
 from app.config import Settings
 from app.errors import BrokerError, UpstreamUnavailable
 from app.keycloak_client import KeycloakClient, build_session
@@ -137,6 +140,9 @@ class Broker:
     registration: Registration
     session_addresses: SessionAddresses | None  # BROKER_IP_BINDING: where each session logged in from
     audit: AuditEvents
+    ended_sessions: EndedSessions  # back-channel logout: sessions Keycloak ended, refused by /me and /verify
+    logout_tokens: LogoutTokenValidator  # back-channel logout: the tokens Keycloak posts, checked and used once
+    code_flow: CodeFlow  # the code + PKCE login (BROKER_CODE_FLOW)
     version: str = field(default_factory=package_version)
     started: float = field(default_factory=time.monotonic)
 
@@ -174,4 +180,10 @@ class Broker:
                                       login_scope=settings.login_scope),
             session_addresses=SessionAddresses(store) if settings.ip_binding != "off" else None,
             audit=AuditEvents.from_settings(settings),
+            ended_sessions=EndedSessions(store, ttl=settings.ended_session_seconds),
+            logout_tokens=LogoutTokenValidator(
+                keys, lambda: LogoutTokenPolicy(issuer=keycloak.discovery()["issuer"], client_id=settings.client_id,
+                                                leeway=settings.token_leeway),
+                UsedLogoutTokens(store).first_use),
+            code_flow=CodeFlow(settings, keycloak, keys, store),
         )

@@ -314,6 +314,11 @@ class Settings:
     audit_stream_maxlen: int = _setting("BROKER_AUDIT_STREAM_MAXLEN", _int_between(100, 10_000_000), 100_000)
     audit_webhook_url: str | None = _setting("BROKER_AUDIT_WEBHOOK_URL", _url, None, shown=False)
     audit_queue_size: int = _setting("BROKER_AUDIT_QUEUE_SIZE", _int_between(10, 1_000_000), 10_000)
+    # Sessions (docs/api.md: back-channel logout; the code + PKCE login).
+    ended_session_seconds: float = _setting("BROKER_ENDED_SESSION_SECONDS", _seconds_between(60, 7 * 86400), 3600.0)
+    code_flow: bool = _setting("BROKER_CODE_FLOW", _bool, False)
+    callback_url: str = _setting("BROKER_CALLBACK_URL", _url, "http://127.0.0.1:8000/api/auth/callback")
+    return_origins: frozenset[str] = _setting("BROKER_RETURN_ORIGINS", _origins, frozenset())
 
     @property
     def realm_url(self) -> str:
@@ -390,6 +395,9 @@ def _security_problems(settings: Settings) -> list[str]:
             "passwords in clear; use https://, or set KEYCLOAK_ALLOW_HTTP=true for a private network you trust "
             "(compose's)"
         )
+    if settings.code_flow and settings.token_transport != COOKIE_TRANSPORT:
+        problems.append("BROKER_CODE_FLOW=true needs BROKER_TOKEN_TRANSPORT=cookie: the login's callback hands the "
+                        "session to the browser in the refresh cookie")
     if settings.audit_stream and not settings.redis_url:
         problems.append("BROKER_AUDIT_REDIS_STREAM needs BROKER_REDIS_URL: the stream lives in that Redis")
     for name, values in (("BROKER_TOKEN_AUDIENCES", settings.token_audiences),

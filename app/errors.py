@@ -11,8 +11,9 @@
     │   ├── PayloadTooLarge              413   payload_too_large
     │   ├── UnsupportedMediaType         415   unsupported_media_type
     │   ├── RateLimited                  429   rate_limited             (+ Retry-After)
+    │   ├── LocationBlocked              401   location_blocked         (BROKER_IP_BINDING: refresh from elsewhere)
+    │   ├── InsufficientRole             403   insufficient_role        (/verify?role=...: a valid token without it)
     │   └── HttpError                    4xx   the status's name        (any other HTTP error of the framework)
-    │   └── LocationBlocked              401   location_blocked         (BROKER_IP_BINDING: refresh from elsewhere)
     ├── Unauthenticated                         (a bearer route without a usable access token)
     │   ├── AccessTokenRequired          401   access_token_required    (+ WWW-Authenticate)
     │   └── InvalidToken                 401   invalid_token            (+ WWW-Authenticate, X-Token-Expired)
@@ -160,6 +161,12 @@ class LocationBlocked(RequestRefused):
     status = 401
     error = "location_blocked"
     message = "This session was started from another network; log in again here"
+
+
+class InsufficientRole(RequestRefused):
+    """/verify with role requirements: the token is valid but lacks a required realm or client role."""
+
+    status, error, message = 403, "insufficient_role", "The access token lacks a role this route requires"
 
 
 class HttpError(RequestRefused):

@@ -41,7 +41,7 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.metrics import KEYCLOAK_LATENCY, keycloak_outcome
-from app.keycloak_errors import ADMIN, DISCOVERY, INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, SERVICE, translate
+from app.keycloak_errors import ADMIN, CODE, DISCOVERY, INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, SERVICE, translate
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,12 @@ class KeycloakClient:
             form["scope"] = scope
         return TokenSet.from_response(self._token_call(LOGIN, self.discovery()["token_endpoint"], form))
 
+    def exchange_code(self, code: str, verifier: str, redirect_uri: str) -> TokenSet:
+        """Redeem an authorization code with its PKCE verifier (never retried: a code is single use)."""
+        form = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
+                "redirect_uri": redirect_uri}
+        return TokenSet.from_response(self._token_call(CODE, self.discovery()["token_endpoint"], form))
+
     def refresh(self, refresh_token: str, scope: str | None = None) -> TokenSet:
         """Run the refresh grant exactly once (never retried); return the TokenSet or raise BrokerError."""
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
@@ -214,7 +220,7 @@ class KeycloakClient:
             which = "email address" if "email" in str(text).lower() else "username"
             raise UserExists(f"An account with this {which} already exists")
         if response.status_code == 400 and isinstance(text, str) and text:
-            raise InvalidRequest(_admin_sentence(text))
+            raise InvalidRequest(_PROFILE_RULES.get(text.lower(), _admin_sentence(text)))
         raise self._admin_failure("create a user", response)
 
     def set_password(self, user_id: str, password: str) -> None:
@@ -237,7 +243,8 @@ class KeycloakClient:
     def pending_actions(self, username: str) -> list[str]:
         """The required actions Keycloak holds a user back for (empty when it cannot say); never raises."""
         try:
-            response = self._admin("GET", "/users", params={"username": username, "exact": "true"})
+            field = "email" if "@" in username else "username"  # the realm lets users log in by email
+            response = self._admin("GET", "/users", params={field: username, "exact": "true"})
         except BrokerError:
             return []
         users = _json(response)
@@ -310,11 +317,14 @@ class KeycloakClient:
         if isinstance(outcome, ClientRejected):
             log.error(
                 "Keycloak rejected the broker's own client %r during %s: %s (%s); check KEYCLOAK_CLIENT_ID, "
-                "KEYCLOAK_CLIENT_SECRET and that the client is confidential with direct access grants enabled",
+                "KEYCLOAK_CLIENT_SECRET and that the client is confidential with %s enabled",
                 self.settings.client_id,
                 operation,
                 _short(error),
                 _short(description),
+                {SERVICE: "service accounts (for registration; its service account needs realm-management's "
+                          "manage-users)", CODE: "the standard flow and this redirect URI (BROKER_CALLBACK_URL)"}
+                .get(operation, "direct access grants"),
             )
         elif isinstance(outcome, UpstreamError):
             log.warning(
@@ -405,6 +415,16 @@ _PASSWORD_RULES = {
     "invalidPasswordHistoryMessage": "The password must not be one of the last {0} passwords",
     "invalidPasswordBlacklistedMessage": "The password is too common",
     "invalidPasswordRegexPatternMessage": "The password does not match the required pattern",
+}
+
+
+# Keycloak's user-profile error keys (a registration's username, email or names) and their sentences.
+_PROFILE_RULES = {
+    "error-invalid-length": "username must be 3 to 255 characters long, and names at most 255",
+    "error-username-invalid-character": "username contains a character that is not allowed",
+    "error-invalid-email": "email must be an email address",
+    "error-person-name-invalid-character": "given_name and family_name must not contain characters like < > & \"",
+    "error-user-attribute-required": "A field the realm requires is missing",
 }
 
 

@@ -30,9 +30,10 @@ LOGOUT = "logout"
 INTROSPECT = "introspect"
 KEYS = "keys"
 DISCOVERY = "discovery"
+CODE = "code"  # the authorization-code grant that ends the code + PKCE login
 SERVICE = "service"  # the client-credentials grant of the broker's own service account (registration)
 ADMIN = "admin"  # calls to the realm's admin API as that service account
-OPERATIONS = (LOGIN, REFRESH, LOGOUT, INTROSPECT, SERVICE)
+OPERATIONS = (LOGIN, REFRESH, LOGOUT, INTROSPECT, SERVICE, CODE)
 
 ANY = None  # matches any error_description
 
@@ -81,9 +82,12 @@ RULES: tuple[Rule, ...] = (
     Rule((LOGIN,), "invalid_grant", "Account temporarily disabled", _login("Account is temporarily locked"),
          "not sent by Keycloak 26.7, whose lockout answers `Invalid user credentials`; kept for other releases"),
     Rule((LOGIN,), "invalid_grant", "Account is not fully set up", AccountSetupRequired,
-         "a pending required action, or a missing email, first or last name"),
+         "a pending required action, or a missing email (and first or last name where the realm requires them)"),
     Rule((LOGIN,), "invalid_grant", ANY, _login("Login was refused"), "any other refusal of a password login"),
     Rule((LOGIN, REFRESH), "invalid_scope", ANY, InvalidScope, "a scope the client may not have"),
+    # Authorization-code grant (the code + PKCE login's callback).
+    Rule((CODE,), "invalid_grant", ANY, _login("The login could not be completed; start it again"),
+         "a code that is wrong, used, expired, or whose PKCE verifier or redirect URI does not match"),
     # Refresh grant.
     Rule((REFRESH,), "invalid_grant", "Token is not active", _refresh(EXPIRED), "past `refresh_expires_in`"),
     Rule((REFRESH,), "invalid_grant", "Maximum allowed refresh token reuse exceeded", _refresh(REUSED),

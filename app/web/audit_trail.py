@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from flask import Response, g, request
 
+from app.accounts import unverified_claims
 from app.errors import AccountSetupRequired, BrokerError, LocationBlocked, RateLimited, RefreshRejected
 from app.keycloak_errors import REUSED
 from app.web.context import broker
@@ -23,6 +24,8 @@ EVENTS = dict((
     ("auth.register", "register"),
     ("auth.refresh_token", "refresh"),
     ("auth.logout", "logout"),
+    ("login_flow.callback", "login"),
+    ("backchannel.backchannel_logout", "backchannel_logout"),
 ))
 
 
@@ -32,6 +35,12 @@ def note(*, user: str | None = None, session: str | None = None) -> None:
         g.audit_user = user
     if session is not None:
         g.audit_session = session
+
+
+def note_tokens(tokens) -> None:
+    """Say who a login that ended with these (Keycloak-issued) tokens was about."""
+    claims = unverified_claims(tokens.access_token)
+    note(user=claims.get("preferred_username") or claims.get("sub"), session=claims.get("sid"))
 
 
 def _event(endpoint: str, error: BrokerError | None) -> str:
@@ -49,7 +58,7 @@ def _event(endpoint: str, error: BrokerError | None) -> str:
 def record(response: Response) -> None:
     """Emit the audit event of an auth request (other requests have none)."""
     endpoint = request.endpoint or ""
-    if endpoint not in EVENTS or request.method != "POST":
+    if endpoint not in EVENTS or response.status_code == 404:  # a route that is off has nothing to audit
         return
     error = failure()
     status = response.status_code

@@ -13,7 +13,7 @@ from app.logs import throttle_outage_logs
 from app.web import hooks, openapi, rate_limits
 from app.web.context import attach
 from app.web.errors import register_error_handler
-from app.web.routes import auth, health, tokens
+from app.web.routes import auth, backchannel, health, login_flow, tokens
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, keycloak: KeycloakClient | None
     logging.getLogger("app").setLevel(settings.log_level)
     throttle_outage_logs()
 
-    for blueprint in (auth.bp, tokens.bp, health.bp, openapi.bp):
+    for blueprint in (auth.bp, login_flow.bp, backchannel.bp, tokens.bp, health.bp, openapi.bp):
         app.register_blueprint(blueprint)
     register_error_handler(app)
     openapi.build_spec(parts.version)  # built (and kept) now, so a broken document stops the start, not a request

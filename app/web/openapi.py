@@ -58,6 +58,19 @@ BEARER_ERRORS = {
 }
 
 
+# /verify's role requirements (app/web/routes/tokens.py: at most 20 together, names of at most 255 characters).
+ROLE_REQUIREMENTS = [
+    {"name": "role", "in": "query", "required": False, "style": "form", "explode": True,
+     "description": "A realm role the token must hold (realm_access.roles); repeat for more, all must hold",
+     "schema": {"type": "array", "maxItems": 20, "items": {"type": "string", "minLength": 1, "maxLength": 255}}},
+    {"name": "client_role", "in": "query", "required": False, "style": "form", "explode": True,
+     "description": "<client>:<role>: a role of that client the token must hold (resource_access.<client>.roles); "
+                    "the client id ends at the first ':'; repeat for more, all must hold",
+     "schema": {"type": "array", "maxItems": 20,
+                "items": {"type": "string", "pattern": "^[^:]{1,255}:[\\s\\S]{1,255}$"}}},
+]
+
+
 def _body(schema: str) -> dict[str, Any]:
     return {"required": False, "content": {media: {"schema": schema} for media in JSON_AND_FORM}}
 
@@ -79,9 +92,18 @@ def _operations() -> dict[str, dict[str, Any]]:
         )
     }
     verify = {
-        "summary": "Gateway check (nginx auth_request, Traefik forward-auth)",
+        "summary": "Gateway check (nginx auth_request, Traefik forward-auth), optionally for realm and client roles",
         "security": [{"bearer": []}],
-        "responses": {"204": {"description": "Valid access token", "headers": {**REQUEST_ID, **verify_headers}},
+        "parameters": ROLE_REQUIREMENTS,
+        "responses": {"204": {"description": "Valid access token with every required role",
+                              "headers": {**REQUEST_ID, **verify_headers}},
+                      "400": _error("A role requirement that cannot be read (invalid_request): an empty role, a "
+                                    "client_role that is not <client>:<role>, a name over 255 characters, or more "
+                                    "than 20 requirements"),
+                      "403": _error("A valid token that lacks a required realm or client role (insufficient_role)"),
+                      "414": {"description": "A request line over 4096 bytes (many or long requirements): "
+                                             "gunicorn's own HTML page, not the error shape",
+                              "content": {"text/html": {"schema": {"type": "string"}}}},
                       **BEARER_ERRORS},
     }
     return {
@@ -94,6 +116,45 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "401": _error("Keycloak refused the login (invalid_grant), or the password was right but the account "
                               "has pending required actions (account_setup_required)", NO_STORE),
                 **CSRF, **BODY_ERRORS, **LIMITED, **UPSTREAM,
+            },
+        }},
+        "/api/auth/authorize": {"get": {
+            "summary": "Start the code + PKCE login on Keycloak's pages (BROKER_CODE_FLOW; 404 while off)",
+            "parameters": [{"name": "return_to", "in": "query", "required": False, "schema": {"type": "string"},
+                            "description": "A path on this site, or a URL on an origin of BROKER_RETURN_ORIGINS"}],
+            "responses": {
+                "302": {"description": "To Keycloak's login page; sets the short-lived login-attempt cookie"},
+                "400": _error("A return_to that is not allowed (invalid_request)", NO_STORE),
+                "404": _error("The code flow is off (not_found)", NO_STORE),
+                **UPSTREAM,
+            },
+        }},
+        "/api/auth/callback": {"get": {
+            "summary": "Finish the code + PKCE login: sets the refresh cookie and redirects to return_to",
+            "parameters": [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                           for name in ("code", "state", "error")],
+            "responses": {
+                "302": {"description": "To return_to, with the refresh-token cookie set"},
+                "400": _error("A forged, replayed, expired or failed callback (invalid_request); no cookie is set",
+                              NO_STORE),
+                "401": _error("Keycloak refused the code (invalid_grant)", NO_STORE),
+                "404": _error("The code flow is off (not_found)", NO_STORE),
+                **UPSTREAM,
+            },
+        }},
+        "/api/auth/backchannel-logout": {"post": {
+            "summary": "OpenID Connect Back-Channel Logout: Keycloak says a session ended (server to server)",
+            "requestBody": {"required": True, "content": {media: {"schema": {
+                "type": "object", "required": ["logout_token"],
+                "properties": {"logout_token": {"type": "string",
+                                                "description": "The logout token: a JWT signed by the realm"}},
+            }} for media in ("application/x-www-form-urlencoded", "application/json")}},
+            "responses": {
+                "200": _ok("The session is ended: /me and /verify refuse its access tokens from now on",
+                           "MessageResponse", NO_STORE),
+                "400": _error("A missing, malformed, forged, foreign, expired or replayed logout token "
+                              "(invalid_request); nothing changed", NO_STORE),
+                **BODY_ERRORS, **UPSTREAM,
             },
         }},
         "/api/auth/register": {"post": {

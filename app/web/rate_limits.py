@@ -90,7 +90,9 @@ def install(app: Flask, settings: Settings) -> Limiter:
     )
     # Only these endpoints have limits: every other request (the gateway's /verify above all) skips the limiter.
     limited = {"auth.login", "auth.refresh_token", "auth.logout", "auth.register"}
-    limiter.request_filter(lambda: request.endpoint not in limited)
+    # (Registration that is off answers 404 without counting: the promise is "404 while off", not a 429.)
+    limiter.request_filter(lambda: request.endpoint not in limited or
+                           (request.endpoint == "auth.register" and not settings.registration))
     views = app.view_functions
     views["auth.login"] = limiter.limit(settings.rate_limit_login_ip, key_func=client_address)(views["auth.login"])
     views["auth.refresh_token"] = limiter.limit(settings.rate_limit_refresh, key_func=client_address)(

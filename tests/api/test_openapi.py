@@ -44,6 +44,10 @@ def test_every_error_response_is_the_fixed_shape(client):
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             for status, response in operation["responses"].items():
+                if (path, status) == ("/api/auth/verify", "414"):
+                    # gunicorn's own answer to a request line over its limit, before the app: documented as it is
+                    assert list(response["content"]) == ["text/html"]
+                    continue
                 if re.fullmatch(r"[45]\d\d", status):
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (path, method, status)

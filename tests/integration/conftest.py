@@ -231,7 +231,9 @@ def start_broker(keycloak_server: KeycloakServer, tmp_path_factory) -> Iterator[
     logs: dict[str, Path] = {}
 
     def start(**settings: str) -> str:
+        """Start a broker; "{port}" in a setting's value becomes the broker's port (for BROKER_CALLBACK_URL)."""
         port = next(ports)
+        settings = {name: value.replace("{port}", str(port)) for name, value in settings.items()}
         log_path = tmp_path_factory.mktemp("broker") / f"gunicorn-{port}.log"
         running.append(_start_broker(broker_env(keycloak_server, **settings), port, log_path))
         logs[f"http://127.0.0.1:{port}"] = log_path

@@ -16,6 +16,7 @@ REALM_URL = f"{KEYCLOAK}/realms/demo"
 TOKEN_URL = f"{REALM_URL}/protocol/openid-connect/token"
 LOGOUT_URL = f"{REALM_URL}/protocol/openid-connect/logout"
 DISCOVERY_URL = f"{REALM_URL}/.well-known/openid-configuration"
+AUTHORIZATION_URL = f"{REALM_URL}/protocol/openid-connect/auth"
 JWKS_URL = f"{REALM_URL}/protocol/openid-connect/certs"
 INTROSPECTION_URL = f"{TOKEN_URL}/introspect"
 SECRET = "stub-client-secret-4f9a"
@@ -54,6 +55,7 @@ class KeycloakStub:
                 "end_session_endpoint": LOGOUT_URL,
                 "jwks_uri": JWKS_URL,
                 "introspection_endpoint": INTROSPECTION_URL,
+                "authorization_endpoint": AUTHORIZATION_URL,
             },
         )
         # The JWKS is read when asked, so a rotation of realm_keys shows at the next fetch.

@@ -28,7 +28,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.keycloak_errors import LOGIN, LOGOUT, REFRESH, RULES, translate
+from app.keycloak_errors import CODE, LOGIN, LOGOUT, REFRESH, RULES, translate
 
 # (operation, Keycloak's error, its description) -> (class, status, error, message)
 TABLE = [
@@ -60,6 +60,8 @@ TABLE = [
     ((LOGOUT, "invalid_grant", "Invalid refresh token"), (RefreshRejected, 400, "invalid_grant", "Invalid refresh token")),
     ((REFRESH, "invalid_request", "No refresh token"), (
         RefreshTokenRequired, 400, "refresh_token_required", "Refresh token is required")),
+    ((CODE, "invalid_grant", "Code not valid"), (
+        LoginRejected, 401, "invalid_grant", "The login could not be completed; start it again")),
     ((LOGIN, "unsupported_grant_type", "Unsupported grant_type"), (
         UpstreamError, 502, "upstream_error", "The identity provider returned an unusable answer")),
     ((LOGOUT, "invalid_scope", "Invalid scopes"), (
