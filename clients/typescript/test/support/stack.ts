@@ -7,8 +7,9 @@
  * the client must be safe on its own, so a second refresh of one token reaches Keycloak, which ends the
  * session, and the test that let it happen fails.
  *
- * Ports (environment): TS_TEST_KEYCLOAK_PORT (38080), TS_TEST_KEYCLOAK_MANAGEMENT_PORT (39000),
- * TS_TEST_BROKER_PORT (38000), TS_TEST_BROKER_DOWN_PORT (38001), TS_TEST_BROKER_COOKIE_PORT (38002).
+ * Ports (environment): TS_TEST_KEYCLOAK_PORT (30080), TS_TEST_KEYCLOAK_MANAGEMENT_PORT (30090),
+ * TS_TEST_BROKER_PORT (30000), TS_TEST_BROKER_DOWN_PORT (30001), TS_TEST_BROKER_COOKIE_PORT (30002).
+ * All below 32768, the start of Linux's ephemeral range: a port in it can be taken by any outgoing connection.
  * The broker's Python: TS_TEST_PYTHON (default <repo>/.venv/bin/python).
  */
 
@@ -23,11 +24,11 @@ export const CI = ["1", "true", "yes"].includes((process.env.CI ?? "").toLowerCa
 
 export const REPO = findRepo(dirname(fileURLToPath(import.meta.url)));
 const KEYCLOAK_SCRIPT = join(REPO, "scripts", "keycloak.sh");
-const KC_HTTP_PORT = port("TS_TEST_KEYCLOAK_PORT", 38080);
-const KC_MANAGEMENT_PORT = port("TS_TEST_KEYCLOAK_MANAGEMENT_PORT", 39000);
-const BROKER_PORT = port("TS_TEST_BROKER_PORT", 38000);
-const BROKER_DOWN_PORT = port("TS_TEST_BROKER_DOWN_PORT", 38001);
-const BROKER_COOKIE_PORT = port("TS_TEST_BROKER_COOKIE_PORT", 38002);
+const KC_HTTP_PORT = port("TS_TEST_KEYCLOAK_PORT", 30080);
+const KC_MANAGEMENT_PORT = port("TS_TEST_KEYCLOAK_MANAGEMENT_PORT", 30090);
+const BROKER_PORT = port("TS_TEST_BROKER_PORT", 30000);
+const BROKER_DOWN_PORT = port("TS_TEST_BROKER_DOWN_PORT", 30001);
+const BROKER_COOKIE_PORT = port("TS_TEST_BROKER_COOKIE_PORT", 30002);
 const PYTHON = process.env.TS_TEST_PYTHON || join(REPO, ".venv", "bin", "python");
 export const CLIENT_SECRET = "token-broker-local-secret";
 
