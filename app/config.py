@@ -415,11 +415,12 @@ def _promise_problems(settings: Settings, env: Mapping[str, str]) -> list[str]:
             "BROKER_THREADS no longer applies: the broker serves with gevent (one process holds up to "
             "BROKER_WORKER_CONNECTIONS connections); unset it"
         )
-    if settings.workers > 1 and settings.refresh_coalescing and not settings.redis_url:
+    if settings.workers > 1 and not settings.redis_url:
         problems.append(
             f"BROKER_WORKERS={settings.workers} needs BROKER_REDIS_URL: without a shared store, identical refreshes "
             "that land on different worker processes each reach Keycloak, and Keycloak ends the session on the "
-            "second; keep BROKER_WORKERS=1 (one gevent process serves many connections) or set BROKER_REDIS_URL"
+            "second (and a back-channel logout, an IP binding or a code-flow login would reach one worker only); "
+            "keep BROKER_WORKERS=1 (one gevent process serves many connections) or set BROKER_REDIS_URL"
         )
     if settings.single_instance and settings.workers > 1:
         problems.append(
