@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test soak audit install keycloak-start keycloak-stop clean
+.PHONY: run test soak bench audit install keycloak-start keycloak-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ SOAK_RATE ?= 30
 soak: install
 	scripts/keycloak.sh fetch
 	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE)
+
+# The broker against direct Keycloak in alternating windows, every goal of docs/benchmarks.md a ratio from one run
+# (bench/run.py): prints each goal with pass/fail, writes bench/results/<date>.json and .png, updates the doc.
+# PEER=oauth2-proxy also builds oauth2-proxy from source with Go and measures /verify against it (P9).
+PEER ?=
+bench: install
+	scripts/keycloak.sh fetch
+	command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	$(PY) bench/run.py $(if $(PEER),--peer $(PEER))
 
 # Known vulnerabilities in the installed packages (pip-audit). Needs the vulnerability service on the network;
 # where it cannot be reached, scripts/audit.sh says so plainly and exits 2 instead of reporting "no findings".

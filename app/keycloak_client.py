@@ -24,6 +24,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
@@ -40,7 +41,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.metrics import KEYCLOAK_LATENCY, keycloak_outcome
+from app.metrics import KEYCLOAK_CONNECTIONS, KEYCLOAK_LATENCY, keycloak_outcome
 from app.keycloak_errors import ADMIN, CODE, DISCOVERY, INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, SERVICE, translate
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,27 @@ class _NoCookies(DefaultCookiePolicy):
         return False
 
 
+class _CountedHTTPPool(HTTPConnectionPool):
+    """A connection pool that counts the connections it opens (broker_keycloak_connections_opened_total)."""
+
+    def _new_conn(self):  # noqa: ANN202 - urllib3's signature
+        KEYCLOAK_CONNECTIONS.inc()
+        return super()._new_conn()
+
+
+class _CountedHTTPSPool(HTTPSConnectionPool):
+    def _new_conn(self):  # noqa: ANN202
+        KEYCLOAK_CONNECTIONS.inc()
+        return super()._new_conn()
+
+
 def build_session(settings: Settings, pool_size: int = 32) -> requests.Session:
     """A pooled keep-alive session that never retries, never keeps cookies and verifies TLS."""
     session = requests.Session()
     # read=False re-raises read errors as they are (a read timeout stays a timeout) instead of retrying.
     no_retries = Retry(total=0, connect=0, read=False, redirect=0, status=0, other=0, raise_on_status=False)
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=no_retries)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _CountedHTTPPool, "https": _CountedHTTPSPool}
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.cookies.set_policy(_NoCookies())

@@ -34,6 +34,10 @@ REFRESHES = Counter(
     "its refresh landed, by another client (sent to Keycloak, which sees the reuse)",
     ["kind"],
 )
+KEYCLOAK_CONNECTIONS = Counter(
+    "broker_keycloak_connections_opened",
+    "New TCP connections opened to Keycloak; a steady rise under load means keep-alive connections are not reused",
+)
 KEY_FETCHES = Counter("broker_jwks_fetches", "Fetches of the realm's signing keys, by outcome", ["outcome"])
 RATE_LIMITED = Counter("broker_rate_limited", "Requests refused by a rate limit, by endpoint", ["endpoint"])
 TOKEN_VALIDATIONS = Counter(
