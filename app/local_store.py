@@ -33,6 +33,8 @@ FILE_NAME = "refresh-outcomes.sqlite"
 # busy handler would sleep in C and freeze the worker), for at most this long; then the refresh answers 503.
 BUSY_WAIT_SECONDS = 0.5
 BUSY_RETRY_SECONDS = 0.01
+# Expired outcomes are deleted by the next store at most this often (loads ignore them meanwhile).
+PURGE_EVERY_SECONDS = 1.0
 
 
 def _boot_id() -> str:
@@ -63,6 +65,7 @@ class LocalOutcomes:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._opened: tuple[int, int, int] | None = None  # (pid, device, inode) of the open file
+        self._purged = float("-inf")
 
     def _connection(self) -> sqlite3.Connection:
         """The open database; reopened (and recreated) after a fork, or when the file was deleted or replaced."""
@@ -94,6 +97,8 @@ class LocalOutcomes:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             db.execute("CREATE TABLE IF NOT EXISTS locks (name TEXT PRIMARY KEY, owner TEXT, pid INTEGER, expires REAL)")
             db.execute("CREATE TABLE IF NOT EXISTS outcomes (name TEXT PRIMARY KEY, blob BLOB, expires REAL)")
+            # Without it the purge reads every row, blobs and all (`expires` comes after the blob in a row).
+            db.execute("CREATE INDEX IF NOT EXISTS outcomes_by_expiry ON outcomes (expires)")
             boot = _boot_id()
             row = db.execute("SELECT value FROM meta WHERE key = 'boot'").fetchone()
             if row is None or row[0] != boot:  # monotonic times of another boot mean nothing
@@ -171,7 +176,9 @@ class LocalOutcomes:
         def work(db: sqlite3.Connection) -> None:
             now = self.clock()
             db.execute("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?)", (key.name, blob, now + ttl))
-            db.execute("DELETE FROM outcomes WHERE expires <= ?", (now,))  # a few rows: refreshes of `grace` s
+            if now - self._purged >= PURGE_EVERY_SECONDS:
+                db.execute("DELETE FROM outcomes WHERE expires <= ?", (now,))  # by the index: the expired rows only
+                self._purged = now
 
         self._run(work)
 

@@ -43,6 +43,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -221,6 +222,9 @@ class RefreshCoalescer:
         self._redis_required = redis_required
         self._clock = clock
         self._flights: dict[str, _Flight] = {}
+        # Landed flights in the order their grace windows end (one grace for all: landing order), so forgetting
+        # the expired ones costs nothing per refresh but the ones that expired.
+        self._expiring: deque[tuple[float, str, _Flight]] = deque()
         self._lock = threading.Lock()
         self._in_air = 0
         self._landed = threading.Condition(self._lock)
@@ -293,6 +297,7 @@ class RefreshCoalescer:
             flight.outcome = outcome
             if keeps(outcome):
                 flight.expires = self._clock() + self._grace
+                self._expiring.append((flight.expires, key.name, flight))
             elif self._flights.get(key.name) is flight:
                 del self._flights[key.name]  # nothing learnt about the token: the next retry asks Keycloak
             self._in_air -= 1
@@ -456,8 +461,10 @@ class RefreshCoalescer:
 
     def _forget_expired(self) -> None:
         now = self._clock()
-        for name in [n for n, f in self._flights.items() if f.done.is_set() and f.expires <= now]:
-            del self._flights[name]
+        while self._expiring and self._expiring[0][0] <= now:
+            _, name, flight = self._expiring.popleft()
+            if self._flights.get(name) is flight:
+                del self._flights[name]
 
 
 def _quietly(call: Callable[..., object], *args: object) -> None:
