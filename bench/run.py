@@ -248,8 +248,9 @@ class Stack:
 
         process = peer.start(binary, port=self.peer_port, keycloak_url=f"http://{HOST}:{self.kc_port}", realm=REALM,
                              client_id=CLIENT_ID, client_secret=CLIENT_SECRET, audience=CLIENT_ID)
-        self.servers["peer"] = Server("peer", self.peer_port, process, Path(os.devnull))
-        peer.wait_ready(self.peer_port, 60)
+        self.servers["peer"] = Server("peer", self.peer_port, process, Path(process.log_path))
+        peer.wait_ready(self.peer_port, 60, process)
+        peer.check(self.peer_port, direct_login(self)["access_token"])  # 202 for a real token, 401 for forgeries
 
     def _wait(self, server: Server, path: str, started: float) -> float:
         deadline = started + 120
@@ -276,6 +277,13 @@ class Stack:
             server.process.wait(timeout=10)
         except ProcessLookupError:
             pass
+        # The shell goes first; gunicorn finishes its graceful shutdown after it. Wait for the whole group and
+        # the port, or the next start would be timed against the old server.
+        deadline = time.monotonic() + 40
+        while (group_pids(server.process.pid) or not port_free(server.port)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in group_pids(server.process.pid):
+            os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
         for name in list(self.servers):
@@ -775,7 +783,7 @@ def commit() -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=5, help="alternating pairs of windows per scenario (default 5)")
-    parser.add_argument("--window", type=float, default=6.0, help="whole seconds per window (default 6, at most 60)")
+    parser.add_argument("--window", type=float, default=5.0, help="whole seconds per window (default 5, at most 60)")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up per side (default 5)")
     parser.add_argument("--starts", type=int, default=3, help="broker starts timed for P7 (default 3)")
     parser.add_argument("--rss-requests", type=int, default=100_000, help="requests before P6 reads RSS")
