@@ -25,7 +25,7 @@ from app.code_flow import CodeFlow
 from app.ended_sessions import EndedSessions, UsedLogoutTokens
 from app.config import Settings
 from app.errors import BrokerError, UpstreamUnavailable
-from app.keycloak_client import KeycloakClient, build_session
+from app.keycloak_client import KeycloakClient
 from app.local_store import LocalOutcomes
 from app.login_attempts import LoginAttempts
 from app.refresh_coalescing import RedisOutcomes, RefreshCoalescer, UncoalescedRefresh
@@ -149,7 +149,7 @@ class Broker:
     @classmethod
     def build(cls, settings: Settings, keycloak: KeycloakClient | None = None) -> "Broker":
         """Build and wire every part from `settings` (a test may pass its own Keycloak client)."""
-        keycloak = keycloak or KeycloakClient(settings, build_session(settings, pool_size=settings.upstream_concurrency))
+        keycloak = keycloak or KeycloakClient(settings)
         store = shared_store(settings) if settings.redis_url else None
         keys = SigningKeys(keycloak.jwks, min_refetch_interval=settings.jwks_min_refetch_seconds,
                            max_age=settings.jwks_max_age_seconds)

@@ -1,10 +1,10 @@
 """The only door to Keycloak: every HTTP call to the realm goes through `KeycloakClient`.
 
 Callers get a `TokenSet` or a `BrokerError`; nothing else in the app knows Keycloak's wire format,
-and nothing here knows Flask. One pooled keep-alive `requests.Session` is shared by all threads of a
+and nothing here knows Flask. One pooled keep-alive `Wire` (app/keycloak_http.py) is shared by all threads of a
 worker: no per-call state is ever stored on it (python-keycloak's KeycloakOpenID writes per-call
-headers into a shared dict, which is why it is not used here), and its adapter never retries, because
-a replayed refresh-token POST is a reuse and Keycloak ends the session on reuse.
+headers into a shared dict, which is why it is not used here), and it never retries, because a
+replayed refresh-token POST is a reuse and Keycloak ends the session on reuse.
 
 Isolation: at most BROKER_UPSTREAM_CONCURRENCY calls are in flight at once; beyond that a call fails at
 once with 503, so a hung Keycloak holds a bounded number of requests. A refresh is read for up to
@@ -15,19 +15,13 @@ told apart from one that never connected: the first answers 503 with a message t
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 from typing import Any
-
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
-from urllib3.util.retry import Retry
+from urllib.parse import urlencode
 
 from app.config import Settings
 from app.errors import (
@@ -42,6 +36,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.keycloak_http import Answer, AnswerBroken, AnswerTooLarge, NoAnswer, NotConnected, Wire
 from app.metrics import KEYCLOAK_CONNECTIONS, KEYCLOAK_LATENCY, keycloak_outcome
 from app.keycloak_errors import ADMIN, CODE, DISCOVERY, INTROSPECT, KEYS, LOGIN, LOGOUT, REFRESH, SERVICE, translate
 
@@ -91,86 +86,13 @@ class TokenSet:
         )
 
 
-class _NoCookies(DefaultCookiePolicy):
-    """Keycloak's cookies belong to browsers, not to a session shared by every user of the broker."""
-
-    def set_ok(self, cookie, request) -> bool:  # noqa: ANN001 - cookiejar's signature
-        return False
-
-
-class _OneWrite:
-    """Sends a request's head and body in one write instead of two (urllib3 writes the head, then the body).
-
-    On loopback and on VMs every write that reaches the peer wakes it; Keycloak then reads a head without its
-    body, waits, and is woken again. One write saves that round on each call (docs/benchmarks.md, "make bench").
-    """
-
-    _held: list[bytes] | None = None
-
-    def request(self, method, url, body=None, headers=None, **kwargs):  # noqa: ANN001, ANN201 - urllib3's signature
-        self._held = []
-        try:
-            super().request(method, url, body=body, headers=headers, **kwargs)
-            held = b"".join(self._held)
-        finally:
-            self._held = None
-        super().send(held)
-
-    def send(self, data):  # noqa: ANN001, ANN201
-        if self._held is not None:
-            self._held.append(bytes(data))
-        else:
-            super().send(data)
-
-
-class _HTTPConnection(_OneWrite, HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_OneWrite, HTTPSConnection):
-    pass
-
-
-class _CountedHTTPPool(HTTPConnectionPool):
-    """A connection pool that counts the connections it opens (broker_keycloak_connections_opened_total)."""
-
-    ConnectionCls = _HTTPConnection
-
-    def _new_conn(self):  # noqa: ANN202 - urllib3's signature
-        KEYCLOAK_CONNECTIONS.inc()
-        return super()._new_conn()
-
-
-class _CountedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-    def _new_conn(self):  # noqa: ANN202
-        KEYCLOAK_CONNECTIONS.inc()
-        return super()._new_conn()
-
-
-def build_session(settings: Settings, pool_size: int = 32) -> requests.Session:
-    """A pooled keep-alive session that never retries, never keeps cookies and verifies TLS."""
-    session = requests.Session()
-    # read=False re-raises read errors as they are (a read timeout stays a timeout) instead of retrying.
-    no_retries = Retry(total=0, connect=0, read=False, redirect=0, status=0, other=0, raise_on_status=False)
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=no_retries)
-    adapter.poolmanager.pool_classes_by_scheme = {"http": _CountedHTTPPool, "https": _CountedHTTPSPool}
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.cookies.set_policy(_NoCookies())
-    session.headers["User-Agent"] = USER_AGENT
-    session.verify = settings.tls_verify
-    session.trust_env = False  # no proxy or netrc surprises from the process environment
-    return session
-
-
 class KeycloakClient:
     """Password login, refresh and logout against one realm, safe to share between threads."""
 
-    def __init__(self, settings: Settings, session: requests.Session | None = None):
+    def __init__(self, settings: Settings, wire: Wire | None = None):
         self.settings = settings
-        self.session = session or build_session(settings)
+        self.wire = wire or Wire(verify=settings.tls_verify, pool_size=settings.upstream_concurrency,
+                                 user_agent=USER_AGENT, on_connect=KEYCLOAK_CONNECTIONS.inc)
         self._timeout = (settings.connect_timeout, settings.read_timeout)
         self._refresh_timeout = (settings.connect_timeout, settings.refresh_answer_limit)
         self._slots = threading.BoundedSemaphore(settings.upstream_concurrency)
@@ -265,7 +187,7 @@ class KeycloakClient:
             representation["firstName"] = first_name
         if last_name:
             representation["lastName"] = last_name
-        response = self._admin("POST", "/users", json=representation)
+        response = self._admin("POST", "/users", document=representation)
         if response.status_code == 201 and response.headers.get("Location", "").rstrip("/").rpartition("/")[2]:
             return response.headers["Location"].rstrip("/").rpartition("/")[2]
         body = _json(response)
@@ -280,7 +202,7 @@ class KeycloakClient:
     def set_password(self, user_id: str, password: str) -> None:
         """Set a user's password (not temporary); raise InvalidPassword with the policy's reason, or BrokerError."""
         response = self._admin("PUT", f"/users/{user_id}/reset-password",
-                               json={"type": "password", "value": password, "temporary": False})
+                               document={"type": "password", "value": password, "temporary": False})
         if response.status_code in (200, 204):
             return
         body = _json(response)
@@ -308,7 +230,7 @@ class KeycloakClient:
         actions = users[0].get("requiredActions")
         return [a for a in actions if isinstance(a, str)] if isinstance(actions, list) else []
 
-    def _admin(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+    def _admin(self, method: str, path: str, **kwargs: Any) -> Answer:
         """One admin API call with the service account's token (in this call's headers, never on the session)."""
         url = f"{self.settings.keycloak_url}/admin/realms/{self.settings.keycloak_realm}{path}"
         headers = {"Authorization": f"Bearer {self._service_access()}"}
@@ -331,7 +253,7 @@ class KeycloakClient:
             self._service_token = (tokens.access_token, time.monotonic() + max(0, (tokens.expires_in or 60) - 30))
             return tokens.access_token
 
-    def _admin_failure(self, action: str, response: requests.Response) -> BrokerError:
+    def _admin_failure(self, action: str, response: Answer) -> BrokerError:
         if response.status_code in (401, 403):
             log.error("Keycloak refused the broker's service account the right to %s (%s); give the client %r a "
                       "service account with realm-management's manage-users role", action, response.status_code,
@@ -354,7 +276,7 @@ class KeycloakClient:
         # Anything else, including a 200 HTML page from the logout endpoint, is a refusal or unusable.
         raise self._refusal(operation, response, body)
 
-    def _refusal(self, operation: str, response: requests.Response, body: Any) -> BrokerError:
+    def _refusal(self, operation: str, response: Answer, body: Any) -> BrokerError:
         """Translate a non-success answer into a BrokerError, logging what an operator needs to act."""
         error = body.get("error") if isinstance(body, dict) else None
         description = body.get("error_description") if isinstance(body, dict) else None
@@ -391,62 +313,60 @@ class KeycloakClient:
         return outcome
 
     def _send(self, operation: str, method: str, url: str, *, timeout: tuple[float, float] | None = None,
-              **kwargs: Any) -> requests.Response:
-        """One HTTP exchange with our timeouts; network failures become 503/504 BrokerErrors."""
+              headers: dict[str, str] | None = None, data: dict[str, str] | None = None, document: Any = None,
+              params: dict[str, str] | None = None) -> Answer:
+        """One HTTP exchange with our timeouts; network failures become 503/504 BrokerErrors.
+
+        `data` is sent as a form, `document` as JSON, `params` as the query string.
+        """
         if not self._slots.acquire(blocking=False):
             log.warning("%d calls to Keycloak are already in flight (BROKER_UPSTREAM_CONCURRENCY); refusing %s",
                         self.settings.upstream_concurrency, operation)
             KEYCLOAK_LATENCY.labels(operation, "busy").observe(0.0)
             raise UpstreamBusy()
         timeout = timeout or self._timeout
+        fields = list((headers or {}).items())
+        body = b""
+        if data is not None:
+            body = urlencode(data).encode()
+            fields.append(("Content-Type", "application/x-www-form-urlencoded"))
+        elif document is not None:
+            body = json.dumps(document).encode()
+            fields.append(("Content-Type", "application/json"))
+        if params:
+            url = f"{url}?{urlencode(params)}"
         started = time.perf_counter()
         failure: str | None = None
         status: int | None = None
         try:
-            response = self.session.request(method, url, timeout=timeout, allow_redirects=False, **kwargs)
+            response = self.wire.request(method, url, headers=fields, body=body, timeout=timeout)
             status = response.status_code
             return response
-        except requests.exceptions.SSLError as exc:
+        except NotConnected as exc:
             failure = "unreachable"
-            log.error("TLS failure talking to Keycloak during %s: %s; check KEYCLOAK_CA_BUNDLE", operation, exc)
+            if exc.tls:
+                log.error("TLS failure talking to Keycloak during %s: %s; check KEYCLOAK_CA_BUNDLE", operation, exc)
+            else:
+                log.warning("Keycloak unreachable during %s: %s", operation, exc)
             raise UpstreamUnavailable() from None
-        except (requests.ConnectTimeout, requests.ConnectionError) as exc:
-            if _broke_after_sending(exc):
-                failure = "lost"
-                log.warning("the connection to Keycloak broke during %s before its answer arrived", operation)
-                raise AnswerLost() from None
-            failure = "unreachable"
-            log.warning("Keycloak unreachable during %s: %s", operation, type(exc).__name__)
-            raise UpstreamUnavailable() from None
-        except requests.Timeout:
+        except NoAnswer:
             failure = "timeout"
             log.warning("Keycloak did not answer %s within %.1fs", operation, timeout[1])
             raise UpstreamTimeout() from None
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
+        except AnswerBroken as exc:
             failure = "lost"
-            log.warning("the connection to Keycloak broke during %s in the middle of its answer", operation)
+            log.warning("the connection to Keycloak broke during %s before its answer arrived (%s)", operation, exc)
             raise AnswerLost() from None
-        except requests.RequestException as exc:
+        except AnswerTooLarge as exc:
             failure = "error"
-            log.warning("Keycloak %s failed: %s", operation, type(exc).__name__)
+            log.warning("Keycloak %s failed: %s", operation, exc)
             raise UpstreamError() from None
         finally:
             self._slots.release()
             KEYCLOAK_LATENCY.labels(operation, keycloak_outcome(status, failure)).observe(time.perf_counter() - started)
 
 
-def _broke_after_sending(exc: requests.RequestException) -> bool:
-    """Whether a connection broke once the request was on its way (not: no connection could be made).
-
-    urllib3 reports a connection that was reset or closed while the request was sent or the answer read as
-    a ProtocolError (a read timeout in the middle of the body as ReadTimeoutError); with retries off it is
-    re-raised as it is, not wrapped in MaxRetryError, which is how failed connection attempts arrive.
-    """
-    reason = exc.args[0] if exc.args else None
-    return not isinstance(exc, requests.ConnectTimeout) and isinstance(reason, (ProtocolError, ReadTimeoutError))
-
-
-def _json(response: requests.Response) -> Any:
+def _json(response: Answer) -> Any:
     """The body as JSON, or None when it is not JSON (an HTML page from a proxy, say)."""
     if not response.content:
         return None

@@ -12,6 +12,14 @@ from flask.testing import FlaskClient
 from app import create_app
 from app.config import Settings
 from tests.support.keycloak_stub import KEYCLOAK, SECRET, KeycloakStub
+from tests.support.requests_wire import RequestsWire
+
+
+@pytest.fixture(autouse=True)
+def wire_through_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every broker built in these tests talks to Keycloak through `requests`, which `responses` fakes
+    (tests/support/requests_wire.py; the real wire is tested on sockets and against a real Keycloak)."""
+    monkeypatch.setattr("app.keycloak_client.Wire", RequestsWire)
 
 @pytest.fixture
 def settings() -> Settings:

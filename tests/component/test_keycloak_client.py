@@ -80,7 +80,8 @@ def realm_server() -> Iterator[ThreadingHTTPServer]:
 
 def client_for(port: int, **overrides) -> KeycloakClient:
     settings = Settings(keycloak_url=f"http://127.0.0.1:{port}", keycloak_realm="demo", client_id="token-broker",
-                        client_secret="s", connect_timeout=1.0, read_timeout=overrides.pop("read_timeout", 0.5))
+                        client_secret="s", connect_timeout=1.0, read_timeout=overrides.pop("read_timeout", 0.5),
+                        refresh_answer_limit=1.0)
     return KeycloakClient(settings)
 
 
