@@ -404,6 +404,54 @@ def test_slow_clients_cannot_starve_the_others(broker):
             sock.close()
 
 
+def _answers_in(data: bytes) -> tuple[int, bytes]:
+    """How many whole HTTP answers (Content-Length framed) `data` begins with, and what is left after them."""
+    count = 0
+    while (end := data.find(b"\r\n\r\n")) >= 0:
+        length = next(int(line.split(b":", 1)[1]) for line in data[:end].split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        if len(data) < end + 4 + length:
+            break
+        data, count = data[end + 4 + length:], count + 1
+    return count, data
+
+
+def test_a_connection_that_keeps_its_requests_coming_does_not_hold_the_worker(broker):
+    """400 pipelined /health requests on one keep-alive connection (what a busy gateway's connection looks like to
+    the one gevent worker): a request on a second connection is answered in between, not after all 400."""
+    total = 400
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    busy = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+    other = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+    answered = [0]
+    first = threading.Event()
+
+    def read_busy() -> None:
+        left = b""
+        while answered[0] < total:
+            data = busy.recv(65536)
+            if not data:
+                return
+            count, left = _answers_in(left + data)
+            answered[0] += count
+            if answered[0]:
+                first.set()
+
+    reader = threading.Thread(target=read_busy, daemon=True)
+    try:
+        reader.start()
+        busy.sendall(request * total)
+        assert first.wait(10)
+        other.sendall(request)
+        assert other.recv(65536).startswith(b"HTTP/1.1 200 ")
+        busy_when_answered = answered[0]
+        reader.join(20)
+        assert (answered[0], busy_when_answered < total // 2) == (total, True), busy_when_answered
+    finally:
+        busy.close()
+        other.close()
+
+
 # Redis faults: a proxy in front of the suite's real redis-server.
 
 @pytest.fixture(scope="module")
