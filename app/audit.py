@@ -85,17 +85,16 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, Callable, Iterable, Mapping, Protocol
-
-import redis
-import requests
-from redis.backoff import NoBackoff
-from redis.retry import Retry as RedisRetry
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from app.config import Settings
 from app.metrics import AUDIT_DROPPED, AUDIT_EVENTS
+
+if TYPE_CHECKING:
+    import requests
+
+# redis and requests are imported by the sinks that use them (off by default): 13 MiB of a worker's memory
+# that a broker without BROKER_AUDIT_REDIS_URL or BROKER_AUDIT_WEBHOOK_URL does not need (docs/benchmarks.md, P6).
 
 SCHEMA = "token-broker.audit/1"
 
@@ -223,6 +222,10 @@ class RedisStreamSink:
     def from_url(cls, url: str, stream: str, *, maxlen: int, timeout: float, approximate: bool = True
                  ) -> "RedisStreamSink":
         """A sink with its own client of `url`: `timeout` seconds per connect and per command, no retries."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry as RedisRetry
+
         client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                       retry=RedisRetry(NoBackoff(), 0), health_check_interval=0)
         return cls(client, stream, maxlen=maxlen, approximate=approximate)
@@ -246,6 +249,10 @@ class _NoCookies(DefaultCookiePolicy):
 
 def webhook_session(verify: bool | str = True) -> requests.Session:
     """A session that never retries or follows a redirect, keeps no cookies, verifies TLS, ignores the environment."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
     session = requests.Session()
     no_retries = Retry(total=0, connect=0, read=False, redirect=0, status=0, other=0, raise_on_status=False)
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=no_retries)

@@ -14,9 +14,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from app.access_tokens import (AccessTokenValidator, Introspection, LogoutTokenPolicy, LogoutTokenValidator, SigningKeys,
                                TokenPolicy)
 from app.accounts import Registration, SessionAddresses
@@ -90,6 +87,9 @@ class Readiness:
 
 def redis_options(settings: Settings) -> dict:
     """Options of every Redis client but the coalescing one: BROKER_REDIS_TIMEOUT per connect and command, no retries."""
+    from redis.backoff import NoBackoff  # only with BROKER_REDIS_URL: redis-py is not loaded otherwise
+    from redis.retry import Retry
+
     return {"socket_timeout": settings.redis_timeout, "socket_connect_timeout": settings.redis_timeout,
             "retry": Retry(NoBackoff(), 0)}
 

@@ -19,11 +19,6 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
-import redis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -89,12 +84,20 @@ class SharedStore:
     """A Redis client whose every call goes through one circuit breaker."""
 
     def __init__(self, client: Any, *, retry_seconds: float, failures: int = FAILURES_TO_OPEN):
+        # Imported here, not with the module: a broker without Redis never loads redis-py (7 MiB per worker).
+        from redis.exceptions import RedisError
+
         self.redis = client
         self.breaker = CircuitBreaker(failures=failures, retry_seconds=retry_seconds)
+        self._failures = (RedisError, OSError)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float, retry_seconds: float) -> "SharedStore":
         """A store for BROKER_REDIS_URL with `timeout` seconds per connect and per command, and no retries."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
@@ -111,7 +114,7 @@ class SharedStore:
             raise SharedStoreDown("circuit open")
         try:
             result = command(self.redis)
-        except (RedisError, OSError) as exc:
+        except self._failures as exc:
             self.breaker.failed(type(exc).__name__)
             raise SharedStoreDown(type(exc).__name__) from None
         self.breaker.succeeded()
