@@ -44,7 +44,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -111,7 +111,8 @@ def seal(key: FlightKey, stored: Stored) -> bytes:
     """Serialise and encrypt an outcome so that only holders of the refresh token can open it."""
     outcome = stored.outcome
     if isinstance(outcome, TokenSet):
-        payload = {"tokens": asdict(outcome)}
+        # Its fields are strings and numbers: dataclasses.asdict's deep copy of them cost more than the encryption.
+        payload = {"tokens": {field.name: getattr(outcome, field.name) for field in fields(outcome)}}
     else:
         payload = {"error": outcome.parts()}
     payload.update(scope=stored.scope, client=stored.client)
@@ -146,6 +147,20 @@ def keeps(outcome: Outcome) -> bool:
     return isinstance(outcome, (TokenSet, RefreshRejected))
 
 
+def readable_outcome(load: Callable[[], Stored | None], *, kept_only: bool = False) -> Stored | None:
+    """What `load()` read from a shared store, an outcome that does not open with the token counting as none;
+    with `kept_only`, only one that tells the token's fate (a new flight must not take up a fault that was
+    shared briefly for the callers who were waiting for it). The stores' claim_unless_kept use it too."""
+    try:
+        stored = load()
+    except ValueError:
+        log.warning("a stored refresh outcome did not open with its token; ignoring it")
+        return None
+    if stored is not None and kept_only and not keeps(stored.outcome):
+        return None
+    return stored
+
+
 # How long an outcome that is not kept stays in Redis: long enough for waiting processes to read it.
 SHARE_BRIEFLY_SECONDS = 1.0
 # How often a flight retries sharing an outcome that Redis did not take at once.
@@ -165,6 +180,34 @@ class RedisOutcomes:
         self.store_ = store
         self.lease = lease
         self.poll_interval = poll_interval
+
+    def claim_unless_kept(self, key: FlightKey, owner: str) -> tuple[Stored | None, bool]:
+        """A kept outcome of this refresh (and no lock), or else whether this flight took the lead.
+
+        Redis has no transaction across a look and a SET NX here, so it looks, claims, and looks again: another
+        process may have stored its outcome and released the lock between the first look and the claim."""
+        stored = readable_outcome(lambda: self.load(key), kept_only=True)
+        if stored is not None:
+            return stored, False
+        try:
+            claimed = self.claim(key, owner)
+        except SharedStoreDown:
+            _quietly(self.release, key, owner)  # the claim may have been applied with its reply lost
+            raise
+        if not claimed:
+            return None, False
+        stored = readable_outcome(lambda: self.load(key), kept_only=True)
+        if stored is not None:
+            _quietly(self.release, key, owner)
+            return stored, False
+        return None, True
+
+    def store_and_release(self, key: FlightKey, owner: str, stored: Stored, grace: float, *,
+                          force: bool = False) -> None:
+        """store(), then the lock released; SharedStoreDown only when the outcome was not stored (a lock that
+        could not be released runs out with its lease). `force` goes past the breaker for both."""
+        self.store(key, stored, grace, force=force)
+        _quietly(self.release_forced if force else self.release, key, owner)
 
     def claim(self, key: FlightKey, owner: str) -> bool:
         """Take the cross-process lead for this refresh; False when another process holds it."""
@@ -329,14 +372,9 @@ class RefreshCoalescer:
         if self._prepare is not None:
             self._prepare()  # e.g. fetch the discovery document now, so it does not eat into the lease
         owner = os.urandom(16).hex()
-        stored = self._load(key, kept_only=True)
-        if stored is not None:
+        stored, claimed = shared.claim_unless_kept(key, owner)
+        if stored is not None:  # another process's refresh of this token landed before this flight began
             return self._landed_elsewhere(stored, refresh_token, scope, client)
-        try:
-            claimed = shared.claim(key, owner)
-        except SharedStoreDown:
-            _quietly(shared.release, key, owner)  # the claim may have been applied with its reply lost
-            raise
         if claimed:
             return self._grant_and_share(key, owner, refresh_token, scope, client)
         try:
@@ -383,13 +421,13 @@ class RefreshCoalescer:
         deadline = self._clock() + shared.lease + 1.0
         while True:
             time.sleep(shared.poll_interval)
-            stored = self._load(key)
+            stored = readable_outcome(lambda: shared.load(key))
             if stored is not None:
                 return self._joined(stored, refresh_token, scope)
             if not shared.locked(key):
                 # The other leader is gone without sharing an outcome (it crashed, or Redis failed under it).
                 # It may have spent the token: refreshing it again here could be a reuse that ends the session.
-                stored = self._load(key)
+                stored = readable_outcome(lambda: shared.load(key))
                 if stored is not None:
                     return self._joined(stored, refresh_token, scope)
                 log.warning("another process's refresh of the same token ended without an outcome")
@@ -401,16 +439,11 @@ class RefreshCoalescer:
     def _grant_and_share(self, key: FlightKey, owner: str, refresh_token: str, scope: str | None,
                          client: str) -> Outcome:
         """As the cross-process leader: one Keycloak call, its outcome stored, then the lock released."""
-        shared = self._shared
-        stored = self._load(key, kept_only=True)  # another process may have finished between our look and claim
-        if stored is not None:
-            _quietly(shared.release, key, owner)
-            return self._landed_elsewhere(stored, refresh_token, scope, client)
         outcome = self._call(refresh_token, scope)
         sealed = Stored(outcome, scope, client)
         # From here on the token may be spent: a Redis failure must not make anyone refresh it again.
         try:
-            shared.store(key, sealed, self._grace)
+            self._shared.store_and_release(key, owner, sealed, self._grace)
         except SharedStoreDown:
             # Keep the lock, so nobody else refreshes, and keep trying to share the outcome in the background:
             # the other processes' callers of this token are waiting for it.
@@ -419,8 +452,6 @@ class RefreshCoalescer:
                 self._in_air += 1  # drain() waits for it too
             threading.Thread(target=self._share_later, args=(key, owner, sealed), name="refresh-share",
                              daemon=True).start()
-            return outcome
-        _quietly(shared.release, key, owner)
         return outcome
 
     def _share_later(self, key: FlightKey, owner: str, sealed: Stored) -> None:
@@ -437,27 +468,13 @@ class RefreshCoalescer:
         while self._clock() < deadline:
             time.sleep(SHARE_RETRY_SECONDS)
             try:
-                self._shared.store(key, sealed, max(0.001, deadline - self._clock()), force=True)
+                # The lock is released only with the outcome stored (a lock that cannot be released runs out with
+                # its lease; the outcome is there for the waiters meanwhile).
+                self._shared.store_and_release(key, owner, sealed, max(0.001, deadline - self._clock()), force=True)
             except SharedStoreDown:
                 continue
-            try:
-                self._shared.release_forced(key, owner)
-            except SharedStoreDown:
-                pass  # the lease runs out by itself; the outcome is there for the waiters meanwhile
             return
         log.warning("a refresh outcome could not be shared through Redis within the grace window")
-
-    def _load(self, key: FlightKey, *, kept_only: bool = False) -> Stored | None:
-        """The stored outcome; with `kept_only`, only one that tells the token's fate (a new flight must not
-        take up a fault that was shared briefly for the callers who were waiting for it)."""
-        try:
-            stored = self._shared.load(key)
-        except ValueError:
-            log.warning("a stored refresh outcome did not open with its token; ignoring it")
-            return None
-        if stored is not None and kept_only and not keeps(stored.outcome):
-            return None
-        return stored
 
     def _forget_expired(self) -> None:
         now = self._clock()

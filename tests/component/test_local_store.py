@@ -10,7 +10,7 @@ import pytest
 
 from app.errors import UpstreamTimeout, UpstreamUnavailable
 from app.local_store import FILE_NAME, LocalOutcomes
-from app.refresh_coalescing import FlightKey, RefreshCoalescer
+from app.refresh_coalescing import FlightKey, RefreshCoalescer, Stored
 from tests.support.answers import LOST, UNCOORDINATED
 from tests.support.fake_refresh import TOKENS, Keycloak
 
@@ -153,3 +153,97 @@ def test_looking_at_a_stale_lock_never_removes_a_lock_taken_meanwhile(tmp_path):
     assert store.locked(key) is False
     assert store.claim(key, "second")  # another process takes it over
     assert store.locked(key) is True
+
+
+def lock_rows(store: LocalOutcomes) -> list[tuple]:
+    """The locks table as another process would read it: (owner, pid) of every lock."""
+    db = sqlite3.connect(store.path)
+    try:
+        return db.execute("SELECT owner, pid FROM locks ORDER BY owner").fetchall()
+    finally:
+        db.close()
+
+
+def test_a_claim_that_finds_a_kept_outcome_returns_it_and_takes_no_lock(tmp_path):
+    """Another process's kept outcome: claim_unless_kept hands it over and leaves no lock behind."""
+    store = LocalOutcomes(str(tmp_path), lease=5)
+    key = FlightKey.of("rt")
+    assert store.claim_unless_kept(key, "leader") == (None, True)
+    store.store_and_release(key, "leader", Stored(TOKENS, "openid", "browser-a"), grace=5)
+    assert store.claim_unless_kept(key, "late-duplicate") == (Stored(TOKENS, "openid", "browser-a"), False)
+    assert (lock_rows(store), store.locked(key)) == ([], False)
+
+
+def test_a_claim_past_a_fault_shared_briefly_takes_the_lock(tmp_path):
+    """A fault stored for the waiters says nothing of the token: the next claim takes the lead, not the fault."""
+    import os
+
+    store = LocalOutcomes(str(tmp_path), lease=5)
+    key = FlightKey.of("rt")
+    assert store.claim_unless_kept(key, "leader") == (None, True)
+    store.store_and_release(key, "leader", Stored(UpstreamUnavailable()), grace=5)
+    assert store.claim_unless_kept(key, "retry") == (None, True)
+    assert lock_rows(store) == [("retry", os.getpid())]
+
+
+def test_a_claim_while_a_live_process_holds_the_lock_takes_nothing(tmp_path):
+    """The lock of a live process within its lease: no outcome, no lead, and the lock is still its owner's."""
+    import os
+
+    store = LocalOutcomes(str(tmp_path), lease=5)
+    key = FlightKey.of("rt")
+    assert store.claim_unless_kept(key, "leader") == (None, True)
+    assert store.claim_unless_kept(key, "other") == (None, False)
+    assert lock_rows(store) == [("leader", os.getpid())]
+
+
+def test_store_and_release_leaves_the_outcome_and_frees_the_lock(tmp_path):
+    """After the leader's store_and_release another process reads the outcome and finds no lock."""
+    store = LocalOutcomes(str(tmp_path), lease=5)
+    key = FlightKey.of("rt")
+    assert store.claim_unless_kept(key, "leader") == (None, True)
+    assert store.locked(key) is True
+    store.store_and_release(key, "leader", Stored(TOKENS, None, "browser-a"), grace=5)
+    other = LocalOutcomes(str(tmp_path), lease=5)
+    assert (other.load(key), other.locked(key), lock_rows(store)) == (Stored(TOKENS, None, "browser-a"), False, [])
+
+
+def test_store_and_release_never_frees_a_lock_taken_over_by_another_owner(tmp_path):
+    """A leader whose lease ran out (and was taken over) stores its outcome, but the new owner's lock stays."""
+    import os
+
+    now = [100.0]
+    store = LocalOutcomes(str(tmp_path), lease=1, clock=lambda: now[0])
+    key = FlightKey.of("rt")
+    assert store.claim_unless_kept(key, "first") == (None, True)
+    now[0] += 2  # the first lease ran out
+    assert store.claim_unless_kept(key, "second") == (None, True)
+    store.store_and_release(key, "first", Stored(TOKENS), grace=5)
+    assert (store.load(key), lock_rows(store), store.locked(key)) == (Stored(TOKENS), [("second", os.getpid())], True)
+
+
+def test_a_retried_store_after_the_file_was_deleted_goes_to_the_new_file(tmp_path):
+    """The state directory removed while a flight held the lock: the retried store (force, from _share_later)
+    recreates the file and the outcome is there for every process."""
+    import shutil
+
+    directory = tmp_path / "state"
+    store = LocalOutcomes(str(directory), lease=5)
+    key = FlightKey.of("rt")
+    assert store.claim_unless_kept(key, "leader") == (None, True)
+    shutil.rmtree(directory)
+    store.store_and_release(key, "leader", Stored(TOKENS), grace=5, force=True)
+    assert LocalOutcomes(str(directory), lease=5).load(key) == Stored(TOKENS)
+
+
+def test_a_connection_is_never_used_across_a_fork_even_right_after_a_claim(tmp_path, monkeypatch):
+    """The store after a claim skips the file check, not the process check: in another process it reopens."""
+    import app.local_store as local_store
+
+    store = LocalOutcomes(str(tmp_path), lease=5)
+    key = FlightKey.of("rt")
+    assert store.claim_unless_kept(key, "leader") == (None, True)
+    inherited = store._db
+    monkeypatch.setattr(local_store.os, "getpid", lambda: 1)  # as in a child forked since the claim
+    store.store_and_release(key, "leader", Stored(TOKENS), grace=5)
+    assert (store._db is inherited, store._opened[0], store.load(key)) == (False, 1, Stored(TOKENS))

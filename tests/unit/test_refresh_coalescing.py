@@ -18,7 +18,7 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.refresh_coalescing import FlightKey, RefreshCoalescer, Stored, seal, unseal
-from app.shared_store import CircuitBreaker
+from app.shared_store import CircuitBreaker, SharedStoreDown
 from tests.support.answers import KEPT
 from tests.support.fake_refresh import TOKENS, Keycloak
 
@@ -161,3 +161,59 @@ def test_a_landed_refresh_goes_again_to_keycloak_for_another_client():
     with pytest.raises(RefreshRejected):
         coalescer.refresh("rt", None, "thief")
     assert keycloak.grants == 2
+
+
+class _Shared:
+    """A shared store that records what the coalescer asks of it: the claim finds `kept` (or takes the lead),
+    and the first `failing` stores fail."""
+
+    lease = 5.0
+    poll_interval = 0.01
+
+    def __init__(self, kept: Stored | None = None, failing: int = 0):
+        self.kept = kept
+        self.failing = failing
+        self.calls: list[tuple] = []
+
+    def claim_unless_kept(self, key, owner):
+        self.calls.append(("claim_unless_kept", key, len(owner)))
+        return (self.kept, False) if self.kept is not None else (None, True)
+
+    def store_and_release(self, key, owner, stored, grace, *, force=False):
+        self.calls.append(("store_and_release", key, stored, force))
+        if self.failing:
+            self.failing -= 1
+            raise SharedStoreDown("blip")
+
+
+def test_a_leader_flight_is_one_claim_and_one_store_and_release():
+    """Across processes a leader asks its store two things: the lead (unless an outcome is kept), then to keep
+    the outcome and free the lock."""
+    keycloak = Keycloak(delay=0)
+    shared = _Shared()
+    assert RefreshCoalescer(keycloak, grace=5, shared=shared).refresh("rt", "openid", "browser-a") == TOKENS
+    key = FlightKey.of("rt")
+    assert (shared.calls, keycloak.grants) == (
+        [("claim_unless_kept", key, 32), ("store_and_release", key, Stored(TOKENS, "openid", "browser-a"), False)], 1)
+
+
+def test_a_kept_outcome_found_instead_of_the_lead_answers_without_a_grant():
+    """A late duplicate from another process: the claim hands over the kept tokens, nothing is stored or granted."""
+    keycloak = Keycloak(delay=0)
+    shared = _Shared(kept=Stored(TOKENS, None, "browser-a"))
+    assert RefreshCoalescer(keycloak, grace=5, shared=shared).refresh("rt", None, "browser-a") == TOKENS
+    assert (shared.calls, keycloak.grants) == ([("claim_unless_kept", FlightKey.of("rt"), 32)], 0)
+
+
+def test_a_store_that_fails_after_the_grant_is_retried_past_the_breaker_never_granted_again():
+    """The token may be spent: the caller gets its tokens, and the outcome is stored later (force) with the lock
+    released only then."""
+    keycloak = Keycloak(delay=0)
+    shared = _Shared(failing=1)
+    coalescer = RefreshCoalescer(keycloak, grace=5, shared=shared)
+    assert coalescer.refresh("rt") == TOKENS
+    assert coalescer.drain(timeout=2)
+    key, stored = FlightKey.of("rt"), Stored(TOKENS, None, "")
+    assert (shared.calls, keycloak.grants) == (
+        [("claim_unless_kept", key, 32), ("store_and_release", key, stored, False),
+         ("store_and_release", key, stored, True)], 1)
