@@ -28,10 +28,12 @@ import json
 import select
 import socket
 import ssl
+import sys
 import threading
+import time
 import weakref
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import h11
 
@@ -39,6 +41,8 @@ import h11
 MAX_ANSWER_BYTES = 1 << 20
 _RECV_BYTES = 65536
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
 
 
 class WireError(Exception):
@@ -122,10 +126,20 @@ class _Connection:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
+            poller = _zero_timeout_poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)  # readable while idle: end of stream, or bytes nobody asked for
         except (OSError, ValueError):
             return False
-        return not readable  # readable while idle: end of stream, or bytes nobody asked for
+
+
+def _zero_timeout_poll() -> Any:
+    """The operating system's poll() (not gevent's, whose zero timeout may return before it looked): a poll that
+    does not wait cannot hold up the event loop, and poll, unlike select, takes descriptors above 1024."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("select"):
+        return monkey.get_original("select", "poll")()
+    return select.poll()
 
 
 Origin = tuple[str, str, int]
@@ -149,7 +163,8 @@ class Wire:
                 timeout: tuple[float, float]) -> Answer:
         """Send one request (never retried) and return the whole answer; raise a WireError when there is none.
 
-        `timeout` is (connect, read): the read timeout bounds every wait for the next bytes of the answer.
+        `timeout` is (connect, read): the connection is made within the first (a pooled one is reused at once), and
+        the exchange, from sending the request to the end of its answer, takes at most the second.
         """
         origin, host, target = _parse(url)
         connection = self._take(origin) or self._connect(origin, timeout[0])
@@ -189,14 +204,20 @@ class Wire:
         connection.close()
 
     def _connect(self, origin: Origin, timeout: float) -> _Connection:
+        """A new connection (TCP, then TLS for https), all of it within `timeout` seconds, whatever the number of
+        addresses the name resolves to: the refresh's lease counts on it (app.broker.build_refresher)."""
         scheme, host, port = origin
+        deadline = time.monotonic() + timeout
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = _connect_by(deadline, host, port)
+        except UnicodeError:
+            raise NotConnected("the host name cannot be encoded") from None
         except OSError as exc:
             raise NotConnected(_why(exc)) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one write: send it now
             if scheme == "https":
+                sock.settimeout(_left(deadline))
                 sock = self._tls_context().wrap_socket(sock, server_hostname=host)
         except ssl.SSLError as exc:
             sock.close()
@@ -229,10 +250,14 @@ class Wire:
             if body:
                 data += protocol.send(h11.Data(data=body))
             data += protocol.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
-            raise NotConnected(f"the request cannot be sent: {exc}") from None  # nothing was written yet
-        sock.settimeout(read_timeout)
+        except (h11.LocalProtocolError, UnicodeError):
+            # Nothing was written yet. h11's message would quote the offending header, perhaps a bearer token.
+            raise NotConnected("the request has a header or target that HTTP cannot carry") from None
+        # `read_timeout` bounds the whole exchange, not each wait: an answer trickling in a byte at a time must not
+        # outlast the refresh's lease either.
+        deadline = time.monotonic() + read_timeout
         try:
+            sock.settimeout(_left(deadline))
             sock.sendall(data)  # head and body in one write: Keycloak reads the whole request at once
         except OSError as exc:
             raise AnswerBroken(f"while sending: {_why(exc)}") from None
@@ -247,11 +272,15 @@ class Wire:
                 raise AnswerBroken(f"not a usable HTTP answer: {exc}") from None
             if event is h11.NEED_DATA:
                 try:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise socket.timeout()
+                    sock.settimeout(left)
                     protocol.receive_data(sock.recv(_RECV_BYTES))
                 except socket.timeout:
                     if status is None:
                         raise NoAnswer(f"no answer within {read_timeout:g} s") from None
-                    raise AnswerBroken(f"the answer stopped for {read_timeout:g} s") from None
+                    raise AnswerBroken(f"the answer was not complete within {read_timeout:g} s") from None
                 except OSError as exc:
                     raise AnswerBroken(_why(exc)) from None
             elif isinstance(event, h11.Response):
@@ -267,7 +296,10 @@ class Wire:
             elif isinstance(event, h11.ConnectionClosed):
                 raise AnswerBroken("the connection closed before the answer") from None
             # an InformationalResponse (1xx) is followed by the real answer: read on
-        reusable = protocol.our_state is h11.DONE and protocol.their_state is h11.DONE
+        # Reusable only after a clean exchange with nothing left over: bytes after the answer (a second answer, say)
+        # would otherwise be read as the answer to the next request on this connection, perhaps another user's.
+        reusable = (protocol.our_state is h11.DONE and protocol.their_state is h11.DONE
+                    and not protocol.trailing_data[0])
         if reusable:
             protocol.start_next_cycle()
         return Answer(status or 0, answer_headers, b"".join(chunks)), reusable
@@ -284,15 +316,38 @@ def _parse(url: str) -> tuple[Origin, str, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     try:
-        port = parts.port or _DEFAULT_PORTS.get(scheme)
+        port = parts.port if parts.port is not None else _DEFAULT_PORTS.get(scheme)
     except ValueError:
         port = None
     if scheme not in _DEFAULT_PORTS or not parts.hostname or port is None:
         raise NotConnected("not an http(s) URL with a host")
     host = parts.hostname
     header = parts.netloc.rpartition("@")[2]  # never send userinfo
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # Percent-encoded as requests did (a realm named "société"); what is encoded already stays as it is.
+    target = quote(parts.path or "/", safe=_PATH_SAFE) + (f"?{quote(parts.query, safe=_QUERY_SAFE)}" if parts.query else "")
     return (scheme, host, port), header, target
+
+
+def _connect_by(deadline: float, host: str, port: int) -> socket.socket:
+    """socket.create_connection with one deadline for all the addresses `host` resolves to, tried in turn."""
+    failure: OSError = socket.timeout()
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            if time.monotonic() >= deadline:
+                break
+    raise failure
+
+
+def _left(deadline: float) -> float:
+    """Seconds until `deadline`; a socket timeout of zero would mean non-blocking, so never less than 1 ms."""
+    return max(0.001, deadline - time.monotonic())
 
 
 def _why(exc: OSError) -> str:

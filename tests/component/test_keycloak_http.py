@@ -5,6 +5,8 @@ chunked answers, every way an exchange can fail and which failure it is, and TLS
 from __future__ import annotations
 
 import datetime
+import os
+import resource
 import socket
 import ssl
 import struct
@@ -224,7 +226,8 @@ def test_an_answer_too_large_is_refused(serve, monkeypatch):
         Wire().request("GET", server.url(), timeout=TIMEOUT)
 
 
-@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "http:///nohost", "http://127.0.0.1:99999/"])
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "http:///nohost", "http://127.0.0.1:99999/", "http://127.0.0.1:0/",
+                                 f"http://{'a' * 64}.example/"])
 def test_a_url_the_wire_cannot_use_is_not_connected(url):
     with pytest.raises(NotConnected):
         Wire().request("GET", url, timeout=TIMEOUT)
@@ -281,3 +284,70 @@ def test_tls_is_verified_against_the_ca_bundle_and_refused_without_it(serve, tmp
     with pytest.raises(NotConnected) as caught:
         Wire(verify=True).request("GET", server.url(scheme="https"), timeout=TIMEOUT)
     assert (caught.value.tls, str(caught.value)) == (True, "TLS: CERTIFICATE_VERIFY_FAILED")
+
+
+def test_bytes_after_an_answer_are_never_read_as_the_next_answer(serve):
+    """An answer followed in the same write by more (a second answer nobody asked for): the connection is not
+    reused, so the next request, perhaps another user's, gets its own answer on a new connection."""
+    alice = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nalice"
+    stale = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+    bob = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbob"
+
+    def script(conn, server):
+        answering(alice + stale if server.accepted == 1 else bob, then=lambda c: c.recv(1))(conn, server)
+
+    server = serve(script)
+    wire = Wire()
+    assert [wire.request("GET", server.url(), timeout=TIMEOUT).content for _ in range(2)] == [b"alice", b"bob"]
+    assert server.accepted == 2
+
+
+def test_connections_are_reused_when_their_descriptors_are_above_1024(serve):
+    """The idle check uses poll(), not select(): a busy worker's sockets have descriptors above FD_SETSIZE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        server = serve(answering(OK, OK, OK, then=lambda c: c.recv(1)))
+        wire = Wire()
+        answers = [wire.request("GET", server.url(), timeout=TIMEOUT).status_code for _ in range(3)]
+        assert (answers, server.accepted) == ([200, 200, 200], 1)
+        assert wire._idle[("http", "127.0.0.1", server.port)][0].sock.fileno() > 1024
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_read_timeout_bounds_the_whole_answer_not_each_wait(serve):
+    """A body trickling in a byte every 0.1 s is cut off at the read timeout (0.5 s), not after its 3 s: a
+    refresh must not outlast the lease that keeps other processes from sending its token again."""
+
+    def script(conn, server):
+        server.requests.append(read_request(conn, bytearray()))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+        for byte in b"x" * 30:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.1)
+
+    server = serve(script)
+    started = time.monotonic()
+    with pytest.raises(AnswerBroken) as caught:
+        Wire().request("GET", server.url(), timeout=(1.0, 0.5))
+    assert (str(caught.value), time.monotonic() - started < 1.0) == ("the answer was not complete within 0.5 s", True)
+
+
+def test_a_path_with_other_characters_is_percent_encoded(serve):
+    server = serve(answering(OK))
+    Wire().request("GET", server.url("/realms/société/x%20y?q=é"), timeout=TIMEOUT)
+    assert server.requests[0].startswith(b"GET /realms/soci%C3%A9t%C3%A9/x%20y?q=%C3%A9 HTTP/1.1\r\n")
+
+
+@pytest.mark.parametrize("headers", [[("Authorization", "Bearer SECRET\r\nX: y")], [("Authorization", "Bearer é-SECRET")]])
+def test_a_header_http_cannot_carry_is_refused_before_sending_and_never_quoted(serve, headers):
+    server = serve(answering(OK))
+    with pytest.raises(NotConnected) as caught:
+        Wire().request("GET", server.url(), headers=headers, timeout=TIMEOUT)
+    assert str(caught.value) == "the request has a header or target that HTTP cannot carry"
+    assert server.requests == []
